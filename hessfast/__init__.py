@@ -1,0 +1,23 @@
+"""hessfast: fast curvature spectra of neural networks.
+
+Stochastic Lanczos quadrature of the Hessian and Generalised Gauss-Newton matrix of any PyTorch
+model, the Hessian variance and the random-matrix predictions of how mini-batching broadens the
+spectrum (Granziol, Zohren, Roberts: "Learning Rates as a Function of Batch Size").
+"""
+from ._version import __version__
+from .lanczos import BasisMemoryError, LanczosResult, NonFiniteError, lanczos, lanczos_decomposition
+from .operators import CurvatureOperator, GGNOperator, HessianOperator
+from .spectrum import Degeneracy, Spectrum
+
+
+def backends() -> dict:
+    """What kernel backends are compiled and usable here, and why not where they are not."""
+    from .kernels import backends as _backends
+
+    return _backends()
+
+
+__all__ = [
+    "__version__", "lanczos", "lanczos_decomposition", "LanczosResult", "Spectrum", "Degeneracy",
+    "CurvatureOperator", "HessianOperator", "GGNOperator", "NonFiniteError", "BasisMemoryError", "backends",
+]

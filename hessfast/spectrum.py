@@ -1,0 +1,219 @@
+"""The result of stochastic Lanczos quadrature: Ritz values and Gauss-quadrature weights.
+
+For a unit probe v and m Lanczos steps, the tridiagonal T_m = S diag(theta) S^T gives the m-point
+Gauss quadrature of the spectral measure of v (Theorem 13, Appendix D):
+
+    v^T f(H) v  ~=  sum_i w_i f(theta_i),    w_i = S[0, i]^2,
+
+exact for polynomials f of degree <= 2m - 1. Averaging over independent probes estimates the
+spectral density (1/P) sum_j delta(lambda - lambda_j).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+FORMAT = "hessfast.Spectrum/1"
+
+
+@dataclass(frozen=True)
+class Degeneracy:
+    """Spectral mass at the origin (Section 7.2): ``mass`` in [0, 1] and the Ritz ``value`` assigned to 0."""
+
+    mass: float
+    value: float
+
+
+class Spectrum:
+    """Ritz values and quadrature weights of ``num_probes`` Lanczos runs.
+
+    Attributes:
+        ritz_values: (num_probes, m) float64; a probe that stopped early (an invariant subspace was
+            found) is padded with NaN.
+        weights: (num_probes, m) float64, each row sums to 1; padding has weight 0.
+        meta: dict with P, N, m, curvature, seed, bn_mode, dtype, elapsed seconds, versions, ...
+    """
+
+    def __init__(self, ritz_values, weights, meta: Optional[dict] = None):
+        ritz = np.atleast_2d(np.asarray(ritz_values, dtype=np.float64))
+        w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+        if ritz.shape != w.shape:
+            raise ValueError(f"ritz_values {ritz.shape} and weights {w.shape} must have the same shape.")
+        self.ritz_values = ritz
+        self.weights = np.where(np.isnan(ritz), 0.0, w)
+        self.meta = dict(meta or {})
+
+    # ------------------------------------------------------------------ basic quantities
+    @property
+    def num_probes(self) -> int:
+        return self.ritz_values.shape[0]
+
+    @property
+    def m(self) -> int:
+        return self.ritz_values.shape[1]
+
+    @property
+    def P(self) -> Optional[int]:
+        return self.meta.get("P")
+
+    def _pairs(self):
+        """Per probe: (values, weights) without padding."""
+        for theta, w in zip(self.ritz_values, self.weights):
+            keep = ~np.isnan(theta)
+            yield theta[keep], w[keep]
+
+    @property
+    def lambda_max(self) -> float:
+        """Largest Ritz value over all probes (each is a lower bound on the true lambda_max)."""
+        return float(np.nanmax(self.ritz_values))
+
+    @property
+    def lambda_min(self) -> float:
+        """Smallest Ritz value over all probes (an upper bound on the true lambda_min)."""
+        return float(np.nanmin(self.ritz_values))
+
+    def top(self, k: int) -> np.ndarray:
+        """The k largest Ritz values of the probe that found the largest one, descending."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        best = int(np.nanargmax(np.nanmax(self.ritz_values, axis=1)))
+        theta = self.ritz_values[best]
+        theta = np.sort(theta[~np.isnan(theta)])[::-1]
+        return theta[:k]
+
+    def density(self, grid, sigma: Optional[float] = None) -> np.ndarray:
+        """Gaussian-smoothed spectral density on ``grid`` (integrates to 1).
+
+        ``sigma`` defaults to 1% of the spectral width.
+        """
+        grid = np.asarray(grid, dtype=np.float64)
+        if sigma is None:
+            sigma = max(0.01 * (self.lambda_max - self.lambda_min), 1e-12)
+        if sigma <= 0:
+            raise ValueError(f"sigma must be positive, got {sigma}.")
+        out = np.zeros_like(grid)
+        for theta, w in self._pairs():
+            z = (grid[..., None] - theta) / sigma
+            out += (w * np.exp(-0.5 * z * z)).sum(-1)
+        return out / (self.num_probes * sigma * math.sqrt(2 * math.pi))
+
+    def moments(self, k: int) -> np.ndarray:
+        """Spectral moments mu_j = E_v[v^T H^j v] / v^T v for j = 0..k, shape (k + 1,).
+
+        Exact for each probe up to j = 2m - 1 (Gauss quadrature); averaged over probes.
+        """
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}.")
+        mu = np.zeros(k + 1)
+        for theta, w in self._pairs():
+            mu += (w[:, None] * theta[:, None] ** np.arange(k + 1)).sum(0)
+        return mu / self.num_probes
+
+    def degeneracy(self, curvature: Optional[str] = None) -> Degeneracy:
+        """Mass of the Ritz value(s) assigned to the origin (Section 7.2), averaged over probes.
+
+        For the GGN (positive semi-definite): the Ritz value nearest 0 and its weight. For the
+        Hessian the mass near 0 splits, so the two Ritz values nearest 0 are combined: their summed
+        weight and their weight-averaged value.
+        """
+        curvature = curvature or self.meta.get("curvature", "hessian")
+        take = 2 if curvature == "hessian" else 1
+        masses, values = [], []
+        for theta, w in self._pairs():
+            idx = np.argsort(np.abs(theta))[:take]
+            mass = w[idx].sum()
+            masses.append(mass)
+            values.append(float((w[idx] * theta[idx]).sum() / mass) if mass > 0 else float(theta[idx[0]]))
+        return Degeneracy(float(np.mean(masses)), float(np.mean(values)))
+
+    def bulk_edge(self) -> tuple:
+        """(lower, upper) edges of the bulk (Section 8.1), averaged over probes.
+
+        An outlier eigenvalue carries Ritz weight ~1/P for a random probe, the bulk carries much
+        more; the edge is the outermost Ritz value on each side whose weight is still >= 1/P.
+        """
+        if not self.P:
+            raise ValueError("bulk_edge needs the parameter count P in spectrum.meta['P'].")
+        lo, hi = [], []
+        for theta, w in self._pairs():
+            bulk = theta[w >= 1.0 / self.P]
+            if bulk.size == 0:
+                bulk = theta[[np.argmax(w)]]
+            lo.append(bulk.min())
+            hi.append(bulk.max())
+        return float(np.mean(lo)), float(np.mean(hi))
+
+    # ------------------------------------------------------------------ display and I/O
+    def __repr__(self) -> str:
+        meta = self.meta
+        deg = self.degeneracy()
+        lines = [
+            f"hessfast.Spectrum of the {meta.get('curvature', '?')} "
+            f"({'batch' if meta.get('single_batch') else 'full data'}, bn_mode={meta.get('bn_mode', '?')})",
+            f"  P = {meta.get('P', '?'):,}   N = {meta.get('N', '?'):,}   m = {self.m}   probes = {self.num_probes}"
+            if isinstance(meta.get("P"), int) and isinstance(meta.get("N"), int)
+            else f"  P = {meta.get('P', '?')}   N = {meta.get('N', '?')}   m = {self.m}   probes = {self.num_probes}",
+            f"  lambda_max = {self.lambda_max:.6g}   lambda_min = {self.lambda_min:.6g}",
+            f"  degeneracy = {deg.mass:.4f} (Ritz value {deg.value:.3g} assigned to 0)",
+        ]
+        if meta.get("breakdown"):
+            lines.append(f"  invariant subspace found: steps per probe {meta.get('steps')}")
+        if "elapsed" in meta:
+            lines.append(f"  time = {meta['elapsed']:.2f} s   dtype = {meta.get('dtype')}   "
+                         f"hvp = {meta.get('hvp_mode')}   backend = {meta.get('backend')}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        def clean(a):
+            return [[None if math.isnan(x) else x for x in row] for row in a.tolist()]
+
+        return {"format": FORMAT, "ritz_values": clean(self.ritz_values), "weights": self.weights.tolist(),
+                "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Spectrum":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a hessfast spectrum file (format {d.get('format')!r}, expected {FORMAT!r}).")
+        ritz = np.array([[np.nan if x is None else x for x in row] for row in d["ritz_values"]], dtype=np.float64)
+        return cls(ritz, d["weights"], d.get("meta"))
+
+    def save(self, path) -> None:
+        """Write the spectrum as JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path) -> "Spectrum":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def plot(self, path=None, ax=None, sigma: Optional[float] = None, title: Optional[str] = None):
+        """Spectral density with a log-scale y axis, like the paper's figures; saved to ``path`` (PNG)."""
+        from ._plotting import pyplot
+
+        plt = pyplot()
+        own = ax is None
+        if own:
+            fig, ax = plt.subplots(figsize=(6, 4))
+        span = self.lambda_max - self.lambda_min
+        grid = np.linspace(self.lambda_min - 0.05 * span, self.lambda_max + 0.05 * span, 2000)
+        dens = self.density(grid, sigma)
+        ax.semilogy(grid, np.maximum(dens, 1e-12), lw=1.2, label="smoothed density")
+        theta = self.ritz_values[~np.isnan(self.ritz_values)]
+        w = self.weights[~np.isnan(self.ritz_values)] / self.num_probes
+        ax.vlines(theta, 1e-12, np.maximum(w, 1e-12), colors="C3", lw=0.6, alpha=0.6, label="Ritz weights")
+        ax.set_ylim(bottom=max(1e-8, 0.1 / (self.P or 1e8)))
+        ax.set_xlabel(r"$\lambda$")
+        ax.set_ylabel(r"$p(\lambda)$")
+        ax.set_title(title or f"{self.meta.get('curvature', '')} spectrum, P={self.P}, m={self.m}")
+        ax.legend(loc="upper right", fontsize=8)
+        if own:
+            fig.tight_layout()
+            if path is not None:
+                fig.savefig(path, dpi=120)
+            plt.close(fig)
+        return ax
