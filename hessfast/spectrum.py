@@ -130,22 +130,34 @@ class Spectrum:
             values.append(float((w[idx] * theta[idx]).sum() / mass) if mass > 0 else float(theta[idx[0]]))
         return Degeneracy(float(np.mean(masses)), float(np.mean(values)))
 
-    def bulk_edge(self) -> tuple:
-        """(lower, upper) edges of the bulk (Section 8.1), averaged over probes.
+    def bulk_edge(self, threshold: float = 1.0) -> tuple:
+        """(lower, upper) edges of the continuous part of the spectrum (Section 8.1).
 
-        An outlier eigenvalue carries Ritz weight ~1/P for a random probe, the bulk carries much
-        more; the edge is the outermost Ritz value on each side whose weight is still >= 1/P.
+        Ritz values inside the bulk each stand for many eigenvalues and carry weight >> 1/P; an
+        isolated outlier eigenvalue carries ~1/P. Per probe, starting from the heaviest Ritz value
+        we walk outwards on each side while the weight stays >= threshold / P; the last value
+        reached is the edge. The median over probes is returned.
+
+        With one probe an outlier's weight is chi-square(1)/P, which exceeds 1/P about a third of
+        the time: the paper's threshold (1.0) is noisy; ``threshold=10`` (or more probes) is robust.
         """
         if not self.P:
             raise ValueError("bulk_edge needs the parameter count P in spectrum.meta['P'].")
         lo, hi = [], []
         for theta, w in self._pairs():
-            bulk = theta[w >= 1.0 / self.P]
-            if bulk.size == 0:
-                bulk = theta[[np.argmax(w)]]
-            lo.append(bulk.min())
-            hi.append(bulk.max())
-        return float(np.mean(lo)), float(np.mean(hi))
+            order = np.argsort(theta)
+            theta, w = theta[order], w[order]
+            heavy = w >= threshold / self.P
+            start = int(np.argmax(w))
+            i = start
+            while i > 0 and heavy[i - 1]:
+                i -= 1
+            j = start
+            while j < len(theta) - 1 and heavy[j + 1]:
+                j += 1
+            lo.append(theta[i])
+            hi.append(theta[j])
+        return float(np.median(lo)), float(np.median(hi))
 
     # ------------------------------------------------------------------ display and I/O
     def __repr__(self) -> str:
