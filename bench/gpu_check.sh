@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-shot verification of the CUDA and Triton paths on a GPU machine without network (< 8 min).
+#   bash bench/gpu_check.sh [results-file]      (default: bench/gpu_check_results.md)
+# 1. builds hessfast offline with the CUDA module forced on, for this GPU's architecture only;
+# 2. runs the kernel tests (CUDA and Triton cases join because a GPU is present);
+# 3. runs the kernel benchmarks on the GPU (P = 1e6 and 1.5e7, the paper's VGG-16 size) and on the CPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-bench/gpu_check_results.md}"
+PY="${PYTHON:-python}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+unset TRITON_INTERPRET            # compile Triton kernels for the GPU (tests/conftest.py only sets it by default)
+{ echo "# hessfast GPU check $(date -u '+%Y-%m-%d %H:%M UTC')"; echo; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1; echo; } > "$OUT"
+
+ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}+PTX")' 2>/dev/null || echo "80;90+PTX")
+echo "## build (HESSFAST_CUDA_ARCHS=$ARCH)" >> "$OUT"
+if HESSFAST_FORCE_CUDA=1 HESSFAST_CUDA_ARCHS="$ARCH" timeout 240 "$PY" -m pip install --no-build-isolation --no-deps . > /tmp/hessfast_build.log 2>&1; then
+  echo "build: ok" >> "$OUT"
+else
+  echo "build: FAILED (tail of log below)" >> "$OUT"; tail -40 /tmp/hessfast_build.log >> "$OUT"; exit 1
+fi
+# run from a neutral directory so the installed package (with the compiled modules) is imported
+RUN() { (cd /tmp && "$@"); }
+RUN "$PY" -c 'import json, hessfast.kernels as k; print(json.dumps(k.backends(), indent=1))' >> "$OUT" 2>&1
+
+echo -e "\n## tests" >> "$OUT"
+# TRITON_INTERPRET=0 keeps conftest's setdefault from switching Triton to the interpreter
+RUN env TRITON_INTERPRET=0 timeout 180 "$PY" -m pytest -q -x -p no:cacheprovider --rootdir "$PWD" \
+    "$PWD/tests/test_kernels.py" "$PWD/tests/test_kernels_sqhvp.py" "$PWD/tests/test_block_lanczos.py" \
+    "$PWD/tests/test_build.py" 2>&1 | tail -15 >> "$OUT"
+
+echo -e "\n## benchmarks" >> "$OUT"
+RUN timeout 150 "$PY" "$PWD/bench/bench_kernels.py" --device cuda --P 1e6 1.5e7 --k 10 100 --b 1 8 \
+    --dtype float32 --repeat 5 --save "$PWD/$OUT" > /tmp/hessfast_bench_gpu.log 2>&1 || \
+    { echo "GPU bench failed:"; tail -20 /tmp/hessfast_bench_gpu.log; } >> "$OUT"
+RUN timeout 60 "$PY" "$PWD/bench/bench_kernels.py" --device cpu --P 1e6 --k 100 --b 1 --only cgs2 \
+    --repeat 3 --save "$PWD/$OUT" > /tmp/hessfast_bench_cpu.log 2>&1 || \
+    { echo "CPU bench failed:"; tail -20 /tmp/hessfast_bench_cpu.log; } >> "$OUT"
+echo "results written to $OUT"

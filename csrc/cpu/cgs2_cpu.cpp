@@ -1,0 +1,146 @@
+// Fused CGS2 reorthogonalisation on the CPU.
+//
+//   pass 1: h1 = Q W^T
+//   pass 2: per tile of columns, W1 = W - h1^T Q  and then  h2 += Q W1^T  (the tile of Q is still
+//           in L2 for the second use, so Q comes from memory once for both)
+//   pass 3: W2 = W1 - h2^T Q, row norms of W2
+//
+// The columns are split statically among the threads; per-thread partial sums are reduced in a
+// fixed order, so results are deterministic for a given thread count.
+#include <omp.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "kernels_cpu.h"
+#include "simd_cpu.h"
+
+namespace hessfast {
+namespace cpu {
+namespace {
+
+// Columns per tile: the k x tile block of Q must stay in L2 between the two uses of pass 2,
+// and the b x tile block of W in L1/L2.
+int64_t tile_columns(int64_t k, int64_t b, size_t elem) {
+  static const long l2 = [] {
+    long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return s > (1 << 18) ? s : (1 << 20);
+  }();
+  int64_t t = (l2 / 2) / (int64_t(std::max<int64_t>(k + b, 1)) * int64_t(elem));
+  t = std::min<int64_t>(std::max<int64_t>(t, 64), 2048);
+  return t & ~int64_t(15);
+}
+
+// acc[j * b + r] += Q[j, p0:p0+n] . W[r, p0:p0+n]
+template <typename T>
+void tile_dots(const T* Q, int64_t ldq, int64_t k, const T* W, int64_t b, int64_t P, int64_t p0,
+               int64_t n, double* acc) {
+  int64_t j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const T* q = Q + j * ldq + p0;
+    for (int64_t r = 0; r < b; ++r) {
+      double o[4] = {0, 0, 0, 0};
+      dot4<T>(q, q + ldq, q + 2 * ldq, q + 3 * ldq, W + r * P + p0, n, o);
+      for (int i = 0; i < 4; ++i) acc[(j + i) * b + r] += o[i];
+    }
+  }
+  for (; j < k; ++j)
+    for (int64_t r = 0; r < b; ++r) acc[j * b + r] += dot1<T>(Q + j * ldq + p0, W + r * P + p0, n);
+}
+
+// W[r, p0:p0+n] -= sum_j h[j * b + r] Q[j, p0:p0+n]
+template <typename T>
+void tile_update(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, int64_t p0,
+                 int64_t n, const T* h) {
+  int64_t j = 0;
+  for (; j + 4 <= k; j += 4) {
+    const T* q = Q + j * ldq + p0;
+    for (int64_t r = 0; r < b; ++r)
+      axpy4<T>(W + r * P + p0, q, q + ldq, q + 2 * ldq, q + 3 * ldq, h[j * b + r],
+               h[(j + 1) * b + r], h[(j + 2) * b + r], h[(j + 3) * b + r], n);
+  }
+  for (; j < k; ++j)
+    for (int64_t r = 0; r < b; ++r) axpy1<T>(W + r * P + p0, Q + j * ldq + p0, h[j * b + r], n);
+}
+
+}  // namespace
+
+template <typename T>
+void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+          int num_threads) {
+  const int64_t tile = tile_columns(k, b, sizeof(T));
+  // Small problems are not worth waking threads for.
+  int nt = (k + 1) * b * P < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
+  nt = int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
+  const int64_t kb = k * b;
+  std::vector<double> part(size_t(nt) * size_t(std::max<int64_t>(kb, b)));
+  std::vector<double> h1(kb), h2(kb), ns(b);
+  std::vector<T> h1t(kb), h2t(kb);
+
+  auto reduce = [&](std::vector<double>& out, int64_t len, int nth) {
+    for (int64_t i = 0; i < len; ++i) {
+      double s = 0;
+      for (int t = 0; t < nth; ++t) s += part[size_t(t) * std::max<int64_t>(kb, b) + i];
+      out[i] = s;
+    }
+  };
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num();
+    const int nth = omp_get_num_threads();
+    // Static split of the columns, aligned to 16 elements.
+    const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
+    const int64_t c0 = std::min<int64_t>(P, t * per), c1 = std::min<int64_t>(P, c0 + per);
+    double* my = part.data() + size_t(t) * std::max<int64_t>(kb, b);
+
+    // Pass 1: h1 = Q W^T.
+    std::fill(my, my + kb, 0.0);
+    for (int64_t p = c0; p < c1; p += tile)
+      tile_dots<T>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
+#pragma omp barrier
+#pragma omp single
+    {
+      reduce(h1, kb, nth);
+      for (int64_t i = 0; i < kb; ++i) h1t[i] = T(h1[i]);
+    }
+    // Pass 2: W1 = W - h1^T Q and h2 = Q W1^T, tile by tile.
+    std::fill(my, my + kb, 0.0);
+    for (int64_t p = c0; p < c1; p += tile) {
+      const int64_t n = std::min(tile, c1 - p);
+      tile_update<T>(Q, ldq, k, W, b, P, p, n, h1t.data());
+      tile_dots<T>(Q, ldq, k, W, b, P, p, n, my);
+    }
+#pragma omp barrier
+#pragma omp single
+    {
+      reduce(h2, kb, nth);
+      for (int64_t i = 0; i < kb; ++i) h2t[i] = T(h2[i]);
+    }
+    // Pass 3: W2 = W1 - h2^T Q and the row norms.
+    std::fill(my, my + b, 0.0);
+    for (int64_t p = c0; p < c1; p += tile) {
+      const int64_t n = std::min(tile, c1 - p);
+      tile_update<T>(Q, ldq, k, W, b, P, p, n, h2t.data());
+      for (int64_t r = 0; r < b; ++r) my[r] += sumsq<T>(W + r * P + p, n);
+    }
+#pragma omp barrier
+#pragma omp single
+    reduce(ns, b, nth);
+  }
+
+  for (int64_t r = 0; r < b; ++r) {
+    for (int64_t j = 0; j < k; ++j) coeffs[r * k + j] = T(h1[j * b + r] + h2[j * b + r]);
+    norms[r] = T(std::sqrt(ns[r]));
+  }
+}
+
+template void cgs2<float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*,
+                          float*, int);
+template void cgs2<double>(const double*, int64_t, int64_t, double*, int64_t, int64_t, double*,
+                           double*, int);
+
+}  // namespace cpu
+}  // namespace hessfast

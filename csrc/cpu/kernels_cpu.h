@@ -1,0 +1,37 @@
+// CPU kernels of hessfast: raw-pointer entry points (row-major, float or double).
+// The Python front (hessfast/kernels) checks shapes, dtypes and contiguity before calling them;
+// csrc/cpu_module.cpp checks them again at the pybind11 boundary.
+#pragma once
+#include <cstdint>
+
+namespace hessfast {
+namespace cpu {
+
+// Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D / issue 3, in three passes
+// over Q instead of four.
+//   Q      (k, ldq)  basis rows, only the first P entries of each row are read
+//   W      (b, P)    block to project; overwritten with W2 = (I - Q^T Q)^2 W
+//   coeffs (b, k)    h1 + h2
+//   norms  (b,)      row norms of W2
+template <typename T>
+void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+          int num_threads);
+
+// Gram matrix G = W W^T (b, b) accumulated in double.
+template <typename T>
+void gram(const T* W, int64_t b, int64_t P, double* G, int num_threads);
+
+// W <- M W for a small (b, b) matrix M (double); if G is not null also G = (M W)(M W)^T,
+// fused in the same pass.
+template <typename T>
+void apply_small(T* W, int64_t b, int64_t P, const double* M, double* G, int num_threads);
+
+// Streamed squared-HVP accumulation over c samples: for each probe r,
+//   sum_sq[r] += sum_i |U[i,r]|^2,  sum_u[r] += sum_i U[i,r],  sum_vu[r] += sum_i V[r].U[i,r]
+//   U (c, b, P), V (b, P), sum_u (b, P), sum_sq and sum_vu (b,) double.
+template <typename T>
+void sqhvp(const T* U, int64_t c, int64_t b, int64_t P, const T* V, T* sum_u, double* sum_sq,
+           double* sum_vu, int num_threads);
+
+}  // namespace cpu
+}  // namespace hessfast
