@@ -1,0 +1,489 @@
+"""Random-matrix predictions of how mini-batching moves the extreme curvature, and the learning-rate
+rules that follow (Granziol, Zohren, Roberts, "Learning Rates as a Function of Batch Size").
+
+Pure functions of floats or numpy arrays (they broadcast); no torch. Notation follows the paper:
+
+* ``P``: number of parameters; ``B``: batch size; ``N``: data-set size (``None`` = sampling from
+  the data-generating distribution, Remark 6); ``b = B / (1 - B/N)`` the effective batch size.
+* ``sigma2``: for the Hessian (Theorem 4), the per-element variance of a single-sample Hessian,
+  ``mean_i ||H_i - H_emp||_F^2 / P^2`` (see ``docs/theory.md`` for how it follows from Hessian-vector
+  products); the fluctuation matrix ``H_batch - H_emp`` then has element variance ``sigma2 / b`` and a
+  semicircle of radius ``2 sqrt(P sigma2 / b)``. For the GGN (Theorem 7) ``sigma2`` is the variance
+  of an entry of the per-sample (transformed) Jacobian; see :func:`ggn_batch_max`.
+
+Every closed form here is checked against a Monte-Carlo simulation of the model it assumes in
+``tests/test_theory.py``. Where the printed paper disagrees with the simulation the printed form is
+kept as ``variant="paper"``; ``docs/theory.md`` lists the differences with the measured numbers.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+__all__ = [
+    "BatchExtremes", "LrMomentum", "effective_batch", "batch_extremes", "ggn_batch_max", "eigvec_overlap",
+    "critical_batch_size", "max_lr_sgd", "scale_lr", "polyak", "nesterov", "lr_momentum_from_spectrum",
+]
+
+_CURVATURES = ("hessian", "ggn")
+_OPTIMIZERS = ("sgd", "adam")
+
+
+class BatchExtremes(NamedTuple):
+    """Predicted extreme eigenvalues of the batch Hessian (Theorem 4); unpacks as ``(lam_max, lam_min)``."""
+
+    lam_max: object
+    lam_min: object
+
+
+class LrMomentum(NamedTuple):
+    """A learning rate and a momentum (Section 10.2); unpacks as ``(lr, momentum)``."""
+
+    lr: object
+    momentum: object
+
+
+# --------------------------------------------------------------------------------------------------
+# input checks and output shape
+
+
+def _arr(name: str, x) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if np.isnan(a).any():
+        raise ValueError(f"{name} contains NaN: {x!r}.")
+    return a
+
+
+def _out(x):
+    """0-d results come back as Python floats, everything else as arrays."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x) if x.ndim == 0 else x
+
+
+def _check_nonneg(name: str, a: np.ndarray) -> None:
+    if (a < 0).any() or np.isinf(a).any():
+        raise ValueError(f"{name} must be finite and >= 0, got {a if a.ndim else float(a)}.")
+
+
+def _check_P(P) -> np.ndarray:
+    p = _arr("P", P)
+    if (p < 1).any() or np.isinf(p).any():
+        raise ValueError(f"P (the number of parameters) must be a finite number >= 1, got {P!r}.")
+    return p
+
+
+def _check_choice(name: str, value: str, choices) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(repr(c) for c in choices)}.")
+    return value.lower()
+
+
+def _noise_scale2(sigma2, P, B, N) -> np.ndarray:
+    """``P sigma2 / b``: the squared half-width of the fluctuation semicircle (Theorem 4's ``(P/b) sigma^2``)."""
+    s = _arr("sigma2", sigma2)
+    _check_nonneg("sigma2", s)
+    b = np.asarray(effective_batch(B, N), dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.isinf(b), 0.0, _check_P(P) * s / b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Section 4-6: the batch spectrum
+
+
+def effective_batch(B, N=None):
+    """Effective batch size ``b = B / (1 - B/N)`` of sampling ``B`` of ``N`` samples without replacement.
+
+    The fluctuation ``H_batch - H_emp`` (Eq. 5) has element variance ``(1/B - 1/N) Var = Var / b``,
+    where ``Var`` is the per-sample element variance with the unbiased ``1/(N-1)`` normalisation
+    (this makes it exact for sampling without replacement; with ``1/N`` it is off by ``N/(N-1)``).
+
+    Args:
+        B: batch size(s), ``1 <= B``; float or array.
+        N: data-set size(s), ``B <= N``; ``None`` compares the batch with the true (population)
+            Hessian instead of the empirical one, where ``b = B`` (Remark 6).
+
+    Returns:
+        ``b``, broadcast over ``B`` and ``N``; ``inf`` where ``B == N`` (the batch is the whole data
+        set, so there is no fluctuation and every prediction below returns the empirical value).
+
+    Raises:
+        ValueError: ``B < 1``, ``N < 1``, or ``B > N``.
+    """
+    Ba = _arr("B", B)
+    if (Ba < 1).any() or np.isinf(Ba).any():
+        raise ValueError(f"batch size B must be a finite number >= 1, got {B!r}.")
+    if N is None:
+        return _out(Ba)
+    Na = _arr("N", N)
+    if (Na < 1).any():
+        raise ValueError(f"data-set size N must be >= 1 (or None for the true risk), got {N!r}.")
+    if (Ba > Na).any():
+        raise ValueError(f"batch size B={B!r} exceeds the data-set size N={N!r}; batches are drawn "
+                         "without replacement, so B <= N (pass N=None to compare with the true Hessian).")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        b = np.where(Ba == Na, np.inf, Ba * Na / (Na - Ba))
+    return _out(b)
+
+
+def _bbp_top(lam, s):
+    """Spiked-Wigner map for the top eigenvalue (Lemma 5): ``lam + s^2/lam`` if ``lam > s`` else ``2 s``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lam > s, lam + s * s / np.where(lam != 0, lam, 1.0), 2.0 * s)
+
+
+def batch_extremes(lam_max, lam_min, sigma2, P, B, N=None) -> BatchExtremes:
+    """Extreme eigenvalues of the batch Hessian predicted by Theorem 4 (Eq. 9; Lemma 5, Eq. 10).
+
+    Model: ``H_batch = H_emp + eps`` with ``H_emp`` of low rank and ``eps`` a Wigner matrix of element
+    variance ``sigma2 / b``, whose semicircle has edges ``+-2 s``, ``s = sqrt(P sigma2 / b)``. Then
+    (the Baik-Ben Arous-Peche transition; the printed Eq. 9 agrees with it and with simulation)::
+
+        lam'_1 = lam_1 + s^2 / lam_1   if lam_1 >  s,   else  2 s
+        lam'_P = lam_P + s^2 / lam_P   if lam_P < -s,   else -2 s
+
+    Args:
+        lam_max: largest eigenvalue ``lam_1`` of the empirical (or, with ``N=None``, true) Hessian.
+        lam_min: its most negative eigenvalue ``lam_P``; pass 0 (or anything >= -s) when there is no
+            negative outlier. Must be <= ``lam_max``.
+        sigma2: per-element variance of a single-sample Hessian (``docs/theory.md``), >= 0.
+        P: number of parameters.
+        B: batch size.
+        N: data-set size, or ``None`` for the true-risk variant ``b = B`` (Remark 6).
+
+    Returns:
+        ``BatchExtremes(lam_max, lam_min)``: predicted ``(lam'_1, lam'_P)``, broadcast over the inputs.
+
+    Example:
+        >>> batch_extremes(3.0, -0.5, sigma2=1e-2, P=10_000, B=100)  # s = 1
+        BatchExtremes(lam_max=3.3333333333333335, lam_min=-2.0)
+    """
+    l1, lp = _arr("lam_max", lam_max), _arr("lam_min", lam_min)
+    if (lp > l1).any():
+        raise ValueError(f"lam_min={lam_min!r} is larger than lam_max={lam_max!r}.")
+    s = np.sqrt(_noise_scale2(sigma2, P, B, N))
+    return BatchExtremes(_out(_bbp_top(l1, s)), _out(-_bbp_top(-lp, s)))
+
+
+def ggn_batch_max(lam_max, sigma2, P, B, N=None, variant: str = "bgn"):
+    """Largest eigenvalue of the batch GGN predicted by Theorem 7 (Eq. 16).
+
+    Model (Section 6, Eq. 14): ``G_batch = (J + E)(J + E)^T`` with ``J`` of shape (P, B), ``G_emp = J J^T``
+    of low rank with top eigenvalue ``lam_1``, and ``E`` with independent N(0, sigma2 / b) entries. With
+    ``N=None`` (``b = B``) ``E E^T`` is Marchenko-Pastur with ratio ``c = P / B`` and edges
+    ``sigma2 (1 +- sqrt(c))^2``. With a finite ``N`` the ``B`` columns of variance ``sigma2 / b`` make it
+    Marchenko-Pastur with the same ``c`` and scale ``t = sigma2 B / b = sigma2 (1 - B/N)``, so that the
+    prediction is continuous and exact (``lam_1``) at ``B = N``; ``c t = P sigma2 / b`` either way.
+
+    ``variant="bgn"`` (default) is the rectangular spiked ("information-plus-noise") result of
+    Benaych-Georges & Nadakuditi (2012), which the simulation supports::
+
+        lam'_1 = (lam_1 + t)(lam_1 + c t) / lam_1    if lam_1 > t sqrt(c)
+               = t (1 + sqrt(c))^2                    otherwise
+
+    ``variant="paper"`` is Eq. 16 as printed (with ``c = P / b``, scale ``sigma2``):
+    ``(lam_1 + sigma2 (1 - c)) / (1 - c sigma2 / lam_1)`` above ``lam_1 > sigma2 (1 + c)`` and
+    ``2 sigma2 (1 + c)`` below. It equals ``lam_1 + sigma2 + c sigma2^2 / (lam_1 - c sigma2)``, so it misses
+    the ``c sigma2 = P sigma2 / b`` broadening that the derived form has at leading order; it is right
+    only when ``P << b`` (``docs/theory.md`` has the measured gap).
+
+    Here ``sigma2`` is the variance of an entry of the per-sample (transformed) Jacobian, which has the
+    units of an eigenvalue -- not the per-element variance of a per-sample GGN (units eigenvalue^2).
+    For one output column per sample the latter is about ``sigma2^2 + 2 sigma2 lam_1 / P``
+    (``docs/theory.md``).
+
+    Args:
+        lam_max: top eigenvalue ``lam_1 >= 0`` of ``G_emp``.
+        sigma2: Jacobian-entry variance, >= 0.
+        P: number of parameters.
+        B: batch size.
+        N: data-set size, or ``None`` for ``b = B``.
+        variant: ``"bgn"`` (derived, default) or ``"paper"`` (printed Eq. 16).
+
+    Returns:
+        Predicted ``lam'_1``, broadcast over the inputs.
+
+    Example:
+        >>> ggn_batch_max(10.0, sigma2=1.0, P=2000, B=500)  # c = 4
+        15.4
+    """
+    variant = _check_choice("variant", variant, ("bgn", "paper"))
+    l1 = _arr("lam_max", lam_max)
+    _check_nonneg("lam_max", l1)
+    s2 = _arr("sigma2", sigma2)
+    _check_nonneg("sigma2", s2)
+    p = _check_P(P)
+    b = np.asarray(effective_batch(B, N), dtype=np.float64)
+    safe = np.where(l1 > 0, l1, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if variant == "bgn":
+            c = p / _arr("B", B)
+            t = np.where(np.isinf(b), 0.0, s2 * _arr("B", B) / b)
+            above = l1 > t * np.sqrt(c)
+            out = np.where(above, (l1 + t) * (l1 + c * t) / safe, t * (1.0 + np.sqrt(c)) ** 2)
+        else:
+            c = np.where(np.isinf(b), 0.0, p / b)
+            above = l1 > s2 * (1.0 + c)
+            out = np.where(above, (l1 + s2 * (1.0 - c)) / (1.0 - c * s2 / safe), 2.0 * s2 * (1.0 + c))
+    return _out(out)
+
+
+def eigvec_overlap(lam, sigma2, P, B, N=None):
+    """Squared overlap ``|<phi'_i, phi_i>|^2`` of a batch and an empirical Hessian eigenvector (Theorem 10, Eq. 44).
+
+    Same model as :func:`batch_extremes`; with ``s^2 = P sigma2 / b``::
+
+        |<phi', phi>|^2 = 1 - s^2 / lam^2   if |lam| > s,   else 0
+
+    for each outlier eigenvalue ``lam`` of ``H_emp`` (negative ones included) that is well separated
+    from the others. The threshold is the one of Theorem 10 / Theorem 4; Lemma 11 as printed says
+    ``lam > 2 s``, which the simulation contradicts (``docs/theory.md``).
+
+    Args:
+        lam: eigenvalue(s) of the empirical Hessian.
+        sigma2, P, B, N: as in :func:`batch_extremes`.
+
+    Returns:
+        Squared overlap in ``[0, 1]``, broadcast over the inputs.
+    """
+    la = _arr("lam", lam)
+    s2 = _noise_scale2(sigma2, P, B, N)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(la * la > s2, 1.0 - s2 / np.where(la != 0, la * la, 1.0), 0.0)
+    return _out(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections 10-11: learning rates
+
+
+def critical_batch_size(lam_max, sigma2, P, N=None, curvature: str = "hessian"):
+    """Batch size beyond which a larger batch stops buying a proportionally larger SGD learning rate (Section 10.1).
+
+    It is where the batch-dependent part of ``lam'_1`` equals ``lam_1``:
+
+    * ``curvature="hessian"`` (Theorem 4): ``P sigma2 / (b lam_1) = lam_1``, so ``b* = P sigma2 / lam_1^2``.
+      This is exactly the BBP threshold ``lam_1 = sqrt(P sigma2 / b)``: below ``b*`` the top batch
+      eigenvalue is the bulk edge ``2 sqrt(P sigma2 / b)`` (max learning rate grows like ``sqrt(b)``),
+      above it ``lam_1 <= lam'_1 <= 2 lam_1`` (at most a factor 2 left to gain).
+    * ``curvature="ggn"`` (Theorem 7, derived form of :func:`ggn_batch_max`): ``(P sigma2 / b)(1 + t / lam_1)
+      = lam_1`` with ``t = sigma2 (1 - B/N)``; for ``N=None`` ``b* = P sigma2 (lam_1 + sigma2) / lam_1^2``.
+      Below it ``lam'_1`` grows like ``1/b`` (linear scaling), above it tends to ``lam_1 + t``.
+
+    With ``N`` given, ``b*`` is turned into a batch size by inverting ``b = B/(1 - B/N)``:
+    ``B* = b* N / (N + b*)`` for the Hessian (always < N); for the GGN the balance is solved for ``B``
+    directly. The result may be below 1, meaning no batch size is in the linear regime.
+
+    Args:
+        lam_max: top eigenvalue ``lam_1 > 0`` of the empirical (or true) curvature.
+        sigma2: per-element Hessian variance (``"hessian"``) or Jacobian-entry variance (``"ggn"``).
+        P: number of parameters.
+        N: data-set size, or ``None`` (``B* = b*``).
+        curvature: ``"hessian"`` or ``"ggn"``.
+
+    Returns:
+        ``B*`` as a float (or array); not rounded.
+    """
+    curvature = _check_choice("curvature", curvature, _CURVATURES)
+    l1 = _arr("lam_max", lam_max)
+    if (l1 <= 0).any():
+        raise ValueError(f"lam_max must be > 0 for a critical batch size to exist, got {lam_max!r}.")
+    s2 = _arr("sigma2", sigma2)
+    _check_nonneg("sigma2", s2)
+    p = _check_P(P)
+    Na = None
+    if N is not None:
+        Na = _arr("N", N)
+        if (Na < 1).any():
+            raise ValueError(f"data-set size N must be >= 1 (or None), got {N!r}.")
+    if curvature == "hessian":
+        b = p * s2 / l1 ** 2
+        return _out(b if Na is None else b * Na / (Na + b))
+    if Na is None:
+        return _out(p * s2 * (l1 + s2) / l1 ** 2)
+    # With N the Marchenko-Pastur scale sigma2 (1 - B/N) depends on B too: in x = 1 - B/N the balance
+    # (P sigma2 / b)(1 + sigma2 x / lam_1) = lam_1 is P sigma2^2 x^2 + (P sigma2 lam_1 + lam_1^2 N) x - lam_1^2 N = 0;
+    # its positive root, written without cancellation.
+    q = p * s2 * l1 + l1 ** 2 * Na
+    x = 2.0 * l1 ** 2 * Na / (q + np.sqrt(q * q + 4.0 * p * s2 ** 2 * l1 ** 2 * Na))
+    return _out(Na * (1.0 - x))
+
+
+def max_lr_sgd(lam_max, sigma2, P, B, N=None, curvature: str = "hessian"):
+    """Largest stable SGD learning rate ``2 / lam'_1`` at batch size ``B`` (Section 10.1, Eq. 22).
+
+    ``lam'_1`` is the predicted top eigenvalue of the batch curvature: Theorem 4 (:func:`batch_extremes`)
+    for ``curvature="hessian"``, Theorem 7 in its derived form (:func:`ggn_batch_max`) for ``"ggn"``.
+    Negative curvature does not enter: no step size makes gradient descent contract along it.
+
+    Args:
+        lam_max: top eigenvalue of the empirical (or true) curvature.
+        sigma2, P, B, N: as in :func:`batch_extremes` / :func:`ggn_batch_max`.
+        curvature: ``"hessian"`` or ``"ggn"``.
+
+    Returns:
+        ``2 / lam'_1`` (``inf`` where ``lam'_1 = 0``).
+    """
+    curvature = _check_choice("curvature", curvature, _CURVATURES)
+    if curvature == "hessian":
+        top = batch_extremes(lam_max, np.minimum(_arr("lam_max", lam_max), 0.0), sigma2, P, B, N).lam_max
+    else:
+        top = ggn_batch_max(lam_max, sigma2, P, B, N)
+    with np.errstate(divide="ignore"):
+        return _out(2.0 / np.asarray(top, dtype=np.float64))
+
+
+def scale_lr(lr, from_batch, to_batch, optimizer: str = "sgd", critical_batch=None):
+    """Carry a tuned learning rate from one batch size to another (Sections 10.1 and 11).
+
+    * ``"sgd"``: linear, ``lr * to_batch / from_batch``. With ``critical_batch`` the batch sizes are
+      first clipped to it, ``lr * min(to, Bc) / min(from, Bc)``: above ``Bc`` a larger batch buys no
+      larger rate (so nothing changes between two batch sizes both above it), and going down from above
+      ``Bc`` scales from ``Bc``.
+    * ``"adam"`` (Adam-type optimisers with a small damping ``epsilon``): square root,
+      ``lr * sqrt(to_batch / from_batch)``, set by the bulk edge, which shrinks like ``1/sqrt(b)`` with
+      no threshold; ``critical_batch`` is refused.
+
+    The paper's examples: SGD 0.01 at B=128 gives 0.08 at B=1024; Adam 0.0004 at B=128 scales by
+    ``sqrt(B/128)``.
+
+    Args:
+        lr: learning rate tuned at ``from_batch`` (> 0).
+        from_batch: batch size it was tuned at (>= 1).
+        to_batch: batch size to scale to (>= 1).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        critical_batch: optional SGD threshold, e.g. from :func:`critical_batch_size`.
+
+    Returns:
+        The scaled learning rate, broadcast over the inputs.
+    """
+    optimizer = _check_choice("optimizer", optimizer, _OPTIMIZERS)
+    a = _arr("lr", lr)
+    if (a <= 0).any() or np.isinf(a).any():
+        raise ValueError(f"lr must be finite and > 0, got {lr!r}.")
+    f, t = _arr("from_batch", from_batch), _arr("to_batch", to_batch)
+    for name, v, raw in (("from_batch", f, from_batch), ("to_batch", t, to_batch)):
+        if (v < 1).any() or np.isinf(v).any():
+            raise ValueError(f"{name} must be a finite batch size >= 1, got {raw!r}.")
+    if optimizer == "adam":
+        if critical_batch is not None:
+            raise ValueError("critical_batch applies to SGD only: the square-root rule for Adam follows the "
+                             "bulk edge, which has no threshold (Section 11). Pass critical_batch=None.")
+        return _out(a * np.sqrt(t / f))
+    if critical_batch is not None:
+        c = _arr("critical_batch", critical_batch)
+        if (c <= 0).any():
+            raise ValueError(f"critical_batch must be > 0, got {critical_batch!r}.")
+        f, t = np.minimum(f, c), np.minimum(t, c)
+    return _out(a * t / f)
+
+
+def _check_pd_pair(lam_max, lam_min):
+    l1, lp = _arr("lam_max", lam_max), _arr("lam_min", lam_min)
+    if (lp <= 0).any() or (lp > l1).any() or np.isinf(l1).any():
+        raise ValueError(f"need 0 < lam_min <= lam_max < inf (a positive-definite curvature estimate), "
+                         f"got lam_max={lam_max!r}, lam_min={lam_min!r}.")
+    return np.sqrt(l1), np.sqrt(lp)
+
+
+def polyak(lam_max, lam_min, variant: str = "standard") -> LrMomentum:
+    """Heavy-ball (Polyak) learning rate and momentum for curvature in ``[lam_min, lam_max]`` (Eqs. 24, 25).
+
+    ``variant="standard"`` (default) is Polyak's optimal tuning for a quadratic, which contracts every
+    eigen-direction at the rate ``sqrt(momentum)`` per step::
+
+        lr = 4 / (sqrt(lam_max) + sqrt(lam_min))^2,  momentum = ((sqrt(lam_max) - sqrt(lam_min)) / (sqrt(lam_max) + sqrt(lam_min)))^2
+
+    ``variant="paper"`` keeps the printed Eq. 24 learning rate ``2 / (sqrt(lam_max) + sqrt(lam_min))``,
+    which has the units of ``1/sqrt(curvature)``; it coincides with the standard one only when
+    ``sqrt(lam_max) + sqrt(lam_min) = 2`` and otherwise diverges or under-steps (``docs/theory.md``).
+    The momentum of Eq. 25 is as printed in both.
+
+    Returns:
+        ``LrMomentum(lr, momentum)`` in the convention of ``torch.optim.SGD(momentum=...)``.
+    """
+    variant = _check_choice("variant", variant, ("standard", "paper"))
+    r1, rp = _check_pd_pair(lam_max, lam_min)
+    lr = 4.0 / (r1 + rp) ** 2 if variant == "standard" else 2.0 / (r1 + rp)
+    return LrMomentum(_out(lr), _out(((r1 - rp) / (r1 + rp)) ** 2))
+
+
+def nesterov(lam_max, lam_min, variant: str = "standard") -> LrMomentum:
+    """Nesterov learning rate and momentum for curvature in ``[lam_min, lam_max]`` (Eqs. 24, 25).
+
+    ``variant="standard"`` (default) is Nesterov's constant-step scheme for ``L``-smooth,
+    ``mu``-strongly convex functions::
+
+        lr = 1 / lam_max,  momentum = (sqrt(lam_max) - sqrt(lam_min)) / (sqrt(lam_max) + sqrt(lam_min))
+
+    ``variant="paper"`` keeps the printed Eq. 24 learning rate ``sqrt(lam_min / lam_max)``, which is
+    dimensionless (it does not change when the loss is rescaled) and diverges once
+    ``sqrt(lam_min lam_max)`` exceeds about 4/3 (``docs/theory.md``). The momentum is as printed in both.
+
+    Returns:
+        ``LrMomentum(lr, momentum)`` in the convention of ``torch.optim.SGD(momentum=..., nesterov=True)``.
+    """
+    variant = _check_choice("variant", variant, ("standard", "paper"))
+    r1, rp = _check_pd_pair(lam_max, lam_min)
+    lr = 1.0 / r1 ** 2 if variant == "standard" else rp / r1
+    return LrMomentum(_out(lr), _out((r1 - rp) / (r1 + rp)))
+
+
+def _spectrum_extremes(spectrum, mass_threshold: float):
+    """(lam_max, lam_min) of a Lanczos spectrum after the Section 10.2 mass rule; see lr_momentum_from_spectrum."""
+    try:
+        theta = np.atleast_2d(np.asarray(spectrum.ritz_values, dtype=np.float64))
+        w = np.atleast_2d(np.asarray(spectrum.weights, dtype=np.float64))
+    except AttributeError as e:
+        raise TypeError("spectrum must have .ritz_values and .weights arrays of shape (num_probes, m), "
+                        f"got {type(spectrum).__name__}.") from e
+    if theta.shape != w.shape or theta.ndim != 2:
+        raise ValueError(f"spectrum.ritz_values {theta.shape} and spectrum.weights {w.shape} must both have "
+                         "shape (num_probes, m).")
+    valid = np.isfinite(theta)
+    if not valid.any():
+        raise ValueError("spectrum has no finite Ritz values.")
+    w = np.where(valid, w, 0.0)
+    keep = valid.copy()
+    for k in range(theta.shape[0]):
+        total = w[k].sum()
+        if total <= 0:
+            continue
+        j = int(np.argmax(w[k]))
+        if w[k, j] / total > mass_threshold:
+            keep[k, j] = False
+    lam_max = float(np.max(theta[valid]))
+    positive = theta[keep & (theta > 0)]
+    if positive.size == 0:
+        raise ValueError("no positive Ritz value is left after the mass rule; the Polyak/Nesterov rules need a "
+                         "positive-definite curvature estimate (use the GGN, or more Lanczos steps).")
+    return lam_max, float(np.min(positive))
+
+
+def lr_momentum_from_spectrum(spectrum, rule: str = "polyak", mass_threshold: float = 0.5,
+                              variant: str = "standard") -> LrMomentum:
+    """Learning rate and momentum from a Lanczos spectrum of the batch curvature (Section 10.2).
+
+    The paper's rule: in each probe's quadrature, if the Ritz value with the largest weight holds more
+    than ``mass_threshold`` of that probe's mass (the near-zero degenerate bulk, which would give
+    momentum 1), drop it. Then ``lam_max`` is the largest Ritz value over all probes and ``lam_min`` the
+    smallest positive kept one (Ritz values always lie inside the true spectrum, so the union over probes
+    gives the tightest inner estimates; non-positive Ritz values are left out because Eqs. 24-25 need a
+    positive-definite approximation, as the paper says). These go into :func:`polyak` or :func:`nesterov`.
+
+    Args:
+        spectrum: any object with ``ritz_values`` and ``weights`` of shape (num_probes, m), NaN-padded
+            Ritz values allowed (e.g. :class:`hessfast.Spectrum`).
+        rule: ``"polyak"`` or ``"nesterov"``.
+        mass_threshold: fraction of a probe's mass above which its heaviest Ritz value is dropped, in (0, 1].
+        variant: passed on to :func:`polyak` / :func:`nesterov`.
+
+    Returns:
+        ``LrMomentum(lr, momentum)``.
+    """
+    rule = _check_choice("rule", rule, ("polyak", "nesterov"))
+    if not 0.0 < float(mass_threshold) <= 1.0:
+        raise ValueError(f"mass_threshold must be in (0, 1], got {mass_threshold!r}.")
+    lam_max, lam_min = _spectrum_extremes(spectrum, float(mass_threshold))
+    return (polyak if rule == "polyak" else nesterov)(lam_max, lam_min, variant=variant)
