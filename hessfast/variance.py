@@ -1,0 +1,388 @@
+"""Hessian (or GGN) variance over the samples of a data set: Algorithm 1 of the paper (Section 8.2).
+
+Write ``C_i`` for the curvature of sample i's loss (Hessian ``H_i`` or GGN ``G_i``), ``Cbar = (1/n) sum_i C_i``
+for the curvature of the mean loss over the n samples used, and v for a unit probe (||v|| = 1). From
+the per-sample products ``u_i = C_i v`` the streamed sums ``sum_i ||u_i||^2``, ``sum_i u_i`` and
+``sum_i v . u_i`` give, per probe:
+
+* ``algorithm1 = (1/n) sum_i ||C_i v||^2 - (v^T Cbar v)^2``: Algorithm 1 with the 1/n its line 6 omits
+  (as printed, ``sum_i`` without 1/n, it grows with the data-set size; kept as ``algorithm1_printed``).
+* ``centred = (1/n) sum_i ||(C_i - Cbar) v||^2 = (1/n) sum_i ||C_i v||^2 - ||Cbar v||^2``. Algorithm 1 subtracts
+  ``(v^T Cbar v)^2 <= ||Cbar v||^2`` instead, so it over-estimates by ``||Cbar v||^2 - (v^T Cbar v)^2``, the
+  squared part of ``Cbar v`` orthogonal to v.
+* ``sigma2 = centred / P``, the per-element variance ``(1/n) sum_i ||C_i - Cbar||_F^2 / P^2``: for v uniform
+  on the unit sphere ``E ||A v||^2 = ||A||_F^2 / P``, so ``E[centred] = (1/n) sum_i ||C_i - Cbar||_F^2 / P``, and
+  a P x P matrix has P^2 elements (``docs/theory.md``, ``docs/variance.md``). With a full orthonormal
+  basis of probes the mean over probes is exact.
+
+``sigma2`` is the ``sigma2`` argument of :func:`hessfast.theory.batch_extremes` (Theorem 4).
+``sigma2_unbiased = sigma2 n / (n - 1)`` is the same with the ``1/(n-1)`` normalisation under which
+:func:`hessfast.theory.effective_batch` makes ``sigma2 / b`` the exact element variance of a batch of
+B drawn without replacement; :func:`hessfast.predict` uses it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import grad, jvp, vjp, vmap
+from tqdm.auto import tqdm
+
+from . import _data, _ghost
+from ._guard import curvature_mode
+from ._version import __version__
+from .lanczos import probe_vectors
+from .operators import CurvatureOperator, _available_memory, _sum_scale
+
+ROUTES = ("auto", "vmap", "ghost", "loop")
+
+
+# ---------------------------------------------------------------------------------- result
+@dataclass
+class HessianVariance:
+    """Result of :func:`hessian_variance`. Scalars are means over the probes; ``per_probe`` holds (R,) arrays.
+
+    Attributes:
+        algorithm1: Algorithm 1 with the 1/n fix, ``(1/n) sum_i ||C_i v||^2 - (v^T Cbar v)^2``.
+        algorithm1_printed: Algorithm 1 as printed (no 1/n): ``sum_i ||C_i v||^2 - (v^T Cbar v)^2``.
+        centred: ``(1/n) sum_i ||(C_i - Cbar) v||^2``; its expectation is ``(1/n) sum_i ||C_i - Cbar||_F^2 / P``.
+        sigma2: per-element variance ``centred / P`` (``(1/n) sum_i ||C_i - Cbar||_F^2 / P^2``).
+        sigma2_unbiased: ``sigma2 n / (n - 1)``.
+        sigma2_stderr, centred_stderr, algorithm1_stderr: standard errors over the probes
+            (std with ddof=1 / sqrt(R); NaN for one probe; not a sampling error for an orthonormal basis).
+        quadratic: ``v^T Cbar v`` (its mean times P estimates the trace of Cbar).
+        N: samples used (n); ``N_total`` samples in the data; P: parameters.
+    """
+
+    curvature: str
+    N: int
+    N_total: int
+    P: int
+    num_probes: int
+    algorithm1: float
+    algorithm1_printed: float
+    centred: float
+    sigma2: float
+    sigma2_unbiased: float
+    sigma2_stderr: float
+    centred_stderr: float
+    algorithm1_stderr: float
+    quadratic: float
+    per_probe: dict = field(repr=False)
+    meta: dict = field(repr=False, default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_probe"] = {k: np.asarray(v).tolist() for k, v in self.per_probe.items()}
+        return _jsonable(d)
+
+    def __repr__(self) -> str:
+        sub = f" of {self.N_total:,}" if self.N != self.N_total else ""
+        return "\n".join([
+            f"hessfast.HessianVariance of the {self.curvature} (route={self.meta.get('route')!r})",
+            f"  P = {self.P:,}   N = {self.N:,}{sub}   probes = {self.num_probes}",
+            f"  sigma2 (per element)   = {self.sigma2:.6g} +- {self.sigma2_stderr:.2g}",
+            f"  centred  mean ||(C_i - Cbar) v||^2 = {self.centred:.6g}",
+            f"  Algorithm 1 (with 1/N) = {self.algorithm1:.6g} +- {self.algorithm1_stderr:.2g}",
+            f"  time = {self.meta.get('elapsed', float('nan')):.2f} s",
+        ])
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------- the streamed sums
+class _Sums:
+    """Streamed sums over samples for R probes: sum_sq (R,), sum_u (R, P), sum_vu (R,), count.
+
+    The one place where per-sample products meet the squared-HVP accumulation of
+    :class:`hessfast.kernels.SquaredHVPAccumulator` (``backend`` picks its implementation; the
+    pure-PyTorch reference is ``backend="torch"``). The ghost route adds its sums directly.
+    """
+
+    def __init__(self, V: torch.Tensor, backend: str = "auto"):
+        from .kernels import SquaredHVPAccumulator
+
+        self.V = V
+        self.acc = SquaredHVPAccumulator(V.shape[0], V.shape[1], dtype=V.dtype, device=V.device, backend=backend)
+
+    def update(self, U: torch.Tensor) -> None:
+        """Add c per-sample products U (c, R, P)."""
+        self.acc.update(U, self.V)
+
+    def add(self, sum_sq: torch.Tensor, sum_u: torch.Tensor, sum_vu: torch.Tensor, count: int) -> None:
+        self.acc.sum_sq += sum_sq
+        self.acc.sum_u += sum_u
+        self.acc.sum_vu += sum_vu
+        self.acc.count += count
+
+
+# ---------------------------------------------------------------------------------- per-sample products
+class _VarianceOperator(CurvatureOperator):
+    """A :class:`CurvatureOperator` used for its functional model, loss, checks and parameter layout only.
+
+    Nothing is built at construction (no graph, no pass over the data); ``N`` is counted while streaming.
+    """
+
+    def _build(self, cache_graph, hvp_mode) -> None:
+        self._cache, self.cached, self.hvp_mode, self.N = None, False, "forward", 0
+
+    def _sample_loss(self, params: tuple, x: Any, y: torch.Tensor) -> torch.Tensor:
+        """Loss of one sample (inputs without the batch dimension, as vmap passes them)."""
+        x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
+        return self.loss_fn(self._forward(params, x1), y.unsqueeze(0)) * _sum_scale(self.loss_fn, 1)
+
+    def _sample_product(self, params: tuple, x: Any, y: torch.Tensor, v: tuple, reverse: bool) -> tuple:
+        """C_i v for one sample i and one probe v (parameter-shaped tuples)."""
+        if self.curvature == "hessian":
+            g = grad(lambda p: self._sample_loss(p, x, y))
+            if reverse:  # reverse over reverse: for losses whose forward-over-reverse is not vmap-able
+                return vjp(g, params)[1](v)[0]
+            return jvp(g, (params,), (v,))[1]
+        x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
+        f = lambda p: self._forward(p, x1)  # noqa: E731
+        out, u = jvp(f, (params,), (v,))
+        loss = lambda o: self.loss_fn(o, y.unsqueeze(0)) * _sum_scale(self.loss_fn, 1)  # noqa: E731
+        if reverse:
+            q = vjp(grad(loss), out)[1](u)[0]
+        else:
+            q = jvp(grad(loss), (out,), (u,))[1]
+        return vjp(f, params)[1](q)[0]
+
+    def vmap_products(self, chunk, Vs: tuple) -> torch.Tensor:
+        """Per-sample products U (c, R, P) of one chunk: vmap over the samples and over the probes."""
+        inputs, targets = chunk
+        params = tuple(p.detach() for p in self._params)
+        for reverse in ((True,) if getattr(self, "_reverse", False) else (False, True)):
+            fn = lambda x, y, v: self._sample_product(params, x, y, v, reverse)  # noqa: E731
+            try:
+                parts = vmap(vmap(fn, in_dims=(None, None, 0)), in_dims=(0, 0, None))(inputs, targets, Vs)
+            except RuntimeError:
+                if reverse:
+                    raise
+                continue
+            self._reverse = reverse
+            break
+        c = _data.batch_size(chunk)
+        return torch.cat([p.reshape(c, p.shape[1], -1) for p in parts], dim=2)
+
+    def loop_products(self, chunk, Vs: tuple) -> torch.Tensor:
+        """The same (c, R, P) by a Python loop over samples and probes (reference and benchmark baseline)."""
+        inputs, targets = chunk
+        params = tuple(p.detach() for p in self._params)
+        rows = []
+        for i in range(_data.batch_size(chunk)):
+            x = _data._map_tensors(inputs, lambda t: t[i])
+            per_probe = []
+            for r in range(Vs[0].shape[0]):
+                v = tuple(t[r] for t in Vs)
+                try:
+                    parts = self._sample_product(params, x, targets[i], v, getattr(self, "_reverse", False))
+                except RuntimeError:
+                    self._reverse = True
+                    parts = self._sample_product(params, x, targets[i], v, True)
+                per_probe.append(self._flat(parts))
+            rows.append(torch.stack(per_probe))
+        return torch.stack(rows)
+
+
+# ---------------------------------------------------------------------------------- data
+def _chunks(batch, size: int):
+    inputs, targets = batch
+    n = _data.batch_size(batch)
+    if n <= size:
+        yield batch
+        return
+    for s in range(0, n, size):
+        yield _data._map_tensors(inputs, lambda t: t[s:s + size]), targets[s:s + size]
+
+
+def _select(batch, rows: torch.Tensor):
+    inputs, targets = batch
+    return _data._map_tensors(inputs, lambda t: t[rows.to(t.device)]), targets[rows.to(targets.device)]
+
+
+def _subset_batches(op: _VarianceOperator, max_samples: Optional[int], seed: Optional[int]):
+    """(iterator of prepared batches, samples used, samples in the data)."""
+    if max_samples is None:
+        return op._batches(), None, None
+    total = sum(_data.batch_size(b) for b in _data.iter_batches(op._data))
+    if max_samples >= total:
+        return op._batches(), total, total
+    gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
+    keep = torch.randperm(total, generator=gen)[:max_samples].sort().values
+
+    def gen_batches():
+        start = 0
+        for batch in op._batches():
+            n = _data.batch_size(batch)
+            lo, hi = torch.searchsorted(keep, torch.tensor([start, start + n]))
+            if hi > lo:
+                yield _select(batch, keep[lo:hi] - start)
+            start += n
+
+    return gen_batches(), max_samples, total
+
+
+def _auto_chunk(R: int, P: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Samples per vmap chunk: the (c, R, P) products and their intermediates in about 1/8 of free memory (<= 1 GiB)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    budget = min(2 ** 30, _available_memory(device) // 8)
+    return max(1, int(budget // (6 * R * P * itemsize)))
+
+
+# ---------------------------------------------------------------------------------- public function
+def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian", num_probes: int = 4,
+                     probes: Optional[torch.Tensor] = None, route: str = "auto", chunk_size: Optional[int] = None,
+                     max_samples: Optional[int] = None, seed: Optional[int] = 0, loss_fn: Optional[Callable] = None,
+                     bn_mode: str = "eval", dtype: Optional[torch.dtype] = None, backend: str = "auto",
+                     progress: Optional[bool] = None) -> HessianVariance:
+    """Variance of the per-sample Hessian (or GGN) over the data: Algorithm 1 (Section 8.2), fixed and centred.
+
+    For every sample i and probe v the product ``C_i v`` enters streamed sums over the samples
+    (module docstring). Routes:
+
+    * ``"vmap"``: ``C_i v`` for a chunk of samples at once with ``torch.func.vmap`` (over samples and
+      probes), forward-over-reverse (reverse-over-reverse where a loss has no vmap-able rule), summed
+      by the squared-HVP accumulation of ``hessfast.kernels``; any model.
+    * ``"ghost"``: ``||C_i v||^2`` from per-sample-gradient-norm identities of Linear and Conv2d layers
+      in one backward pass, with no per-sample vector (``hessfast/_ghost.py``, ``docs/variance.md``);
+      every trainable parameter must sit in such a layer. Hessian: a double backward that also yields
+      the layers' forward-mode tangents; GGN: one forward-mode pass for ``u_i = J_i v``, then one
+      backward pass of the pseudo-loss ``sum_i (H_out,i u_i) . f_i``.
+    * ``"auto"`` (default): ``"ghost"`` where it covers the model, else ``"vmap"``.
+    * ``"loop"``: a Python loop of per-sample products (reference and benchmark baseline; slow).
+
+    Args:
+        model: an ``nn.Module``; never modified.
+        data: one ``(inputs, targets)`` batch or an iterable of batches (e.g. a ``DataLoader``).
+        curvature: ``"hessian"`` or ``"ggn"``.
+        num_probes: R random unit probes (Gaussian, normalised); ignored when ``probes`` is given.
+        probes: explicit probes (R, P); rows are normalised. A full orthonormal basis (R = P) makes the
+            probe mean exact.
+        route: ``"auto"``, ``"vmap"``, ``"ghost"`` or ``"loop"``.
+        chunk_size: samples per vmap call (``"vmap"`` route); default from free memory.
+        max_samples: use a random subset of this many samples, drawn without replacement with ``seed``.
+        seed: seeds the probes and the subset.
+        loss_fn: ``loss_fn(outputs, targets)``, mean or sum reduction, a sum of per-sample terms;
+            default cross-entropy.
+        bn_mode: ``"eval"`` only for models with batch norm. With batch statistics (``"train"``) a
+            sample's loss depends on the other samples of its batch, so a per-sample curvature is not
+            defined; a ``ValueError`` says so. For models without batch norm both are the same.
+        dtype: compute dtype (e.g. ``torch.float64``); default the model's.
+        backend: implementation of the streamed accumulation (vmap and loop routes): ``"auto"``,
+            ``"torch"`` (pure-PyTorch reference), ``"cpu"``, ``"cuda"``, ``"triton"`` (``hessfast.kernels``).
+        progress: tqdm bar over the samples; default on in a terminal.
+
+    Returns:
+        :class:`HessianVariance`.
+    """
+    start = time.perf_counter()
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; choose one of {ROUTES}.")
+    if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            "hessian_variance needs bn_mode='eval' for a model with batch norm: with batch statistics "
+            "(bn_mode='train') a sample's loss, hence its Hessian, depends on the other samples of its batch, so "
+            "the per-sample curvature C_i is not defined. Use bn_mode='eval' (running statistics).")
+    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) != max_samples
+                                    or max_samples < 1):
+        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}.")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    op = _VarianceOperator(model, data, curvature=curvature, loss_fn=loss_fn,
+                           bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype, hvp_mode="forward",
+                           cache_graph=False)
+    V = _probes(op, num_probes, probes, seed)
+    R = V.shape[0]
+    reason = _ghost.unsupported_reason(op)
+    if route == "ghost" and reason is not None:
+        raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
+    used = route if route != "auto" else ("ghost" if reason is None else "vmap")
+    chunk = chunk_size or _auto_chunk(R, op.P, op.dtype, op.device)
+
+    sums = _Sums(V.to(op.dtype), backend)
+    Vs = op._split(sums.V)
+    with curvature_mode(op.model, op.bn_mode):
+        batches, n_used, n_total = _subset_batches(op, max_samples, seed)
+        bar = tqdm(total=n_used if n_used is not None else None, desc=f"hessfast: variance ({op.curvature})",
+                   unit="sample", disable=None if progress is None else not progress, leave=False)
+        try:
+            for batch in batches:
+                n = _data.batch_size(batch)
+                if used == "ghost":
+                    sums.add(*_ghost.ghost_sums(op, batch, sums.V), n)
+                else:
+                    for part in _chunks(batch, chunk):
+                        U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
+                        sums.update(U)
+                        del U
+                bar.update(n)
+        finally:
+            bar.close()
+    n = sums.acc.count
+    if n_total is None:
+        n_total = n
+    if not all(torch.isfinite(t).all() for t in (sums.acc.sum_sq, sums.acc.sum_vu, sums.acc.sum_u)):
+        raise FloatingPointError("a per-sample curvature product returned NaN or Inf; check the loss and the data "
+                                 "at these weights, or use dtype=torch.float64.")
+    return _summarise(op, sums, n, n_total, used, chunk, seed, start)
+
+
+def _probes(op, num_probes, probes, seed) -> torch.Tensor:
+    if probes is None:
+        if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
+            raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
+        V = probe_vectors(int(num_probes), op.P, seed, torch.float64, op.device)
+    else:
+        V = torch.as_tensor(probes).to(device=op.device, dtype=torch.float64)
+        if V.dim() == 1:
+            V = V[None]
+        if V.dim() != 2 or V.shape[1] != op.P or V.shape[0] < 1:
+            raise ValueError(f"probes must have shape (R, P) with P={op.P}, got {tuple(V.shape)}.")
+    norms = torch.linalg.vector_norm(V, dim=1, keepdim=True)
+    if not bool((norms > 0).all()):
+        raise ValueError("a probe vector is zero; probes must be non-zero (they are normalised to unit length).")
+    return (V / norms).to(op.dtype)
+
+
+def _summarise(op, sums: _Sums, n: int, n_total: int, route: str, chunk: int, seed, start: float) -> HessianVariance:
+    P, R = op.P, sums.V.shape[0]
+    mean_sq = (sums.acc.sum_sq / n).cpu().numpy()
+    quad = (sums.acc.sum_vu / n).cpu().numpy()
+    mean_u = sums.acc.sum_u.double() / n
+    hbar_sq = (mean_u * mean_u).sum(1).cpu().numpy()
+    alg1 = mean_sq - quad ** 2
+    centred = mean_sq - hbar_sq
+    sigma2 = centred / P
+
+    def se(x):
+        return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+    per_probe = {"mean_sq": mean_sq, "quadratic": quad, "mean_product_sq": hbar_sq, "algorithm1": alg1,
+                 "centred": centred, "sigma2": sigma2}
+    s2 = float(sigma2.mean())
+    meta = {"route": route, "chunk_size": chunk if route in ("vmap", "loop") else None, "seed": seed,
+            "dtype": str(op.dtype).replace("torch.", ""), "device": str(op.device), "bn_mode": op.bn_mode,
+            "elapsed": time.perf_counter() - start, "hessfast_version": __version__,
+            "torch_version": torch.__version__}
+    return HessianVariance(
+        curvature=op.curvature, N=int(n), N_total=int(n_total), P=int(P), num_probes=int(R),
+        algorithm1=float(alg1.mean()), algorithm1_printed=float((sums.acc.sum_sq.cpu().numpy() - quad ** 2).mean()),
+        centred=float(centred.mean()), sigma2=s2, sigma2_unbiased=s2 * n / (n - 1) if n > 1 else float("nan"),
+        sigma2_stderr=se(sigma2), centred_stderr=se(centred), algorithm1_stderr=se(alg1),
+        quadratic=float(quad.mean()), per_probe=per_probe, meta=meta)
