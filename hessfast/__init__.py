@@ -8,6 +8,10 @@ from ._version import __version__
 from .lanczos import BasisMemoryError, LanczosResult, NonFiniteError, lanczos, lanczos_decomposition
 from .operators import CurvatureOperator, GGNOperator, HessianOperator
 from .spectrum import Degeneracy, Spectrum
+from . import theory
+from .theory import scale_lr
+from .variance import HessianVariance, hessian_variance
+from .predict import Prediction, predict
 
 
 def backends() -> dict:
@@ -20,4 +24,5 @@ def backends() -> dict:
 __all__ = [
     "__version__", "lanczos", "lanczos_decomposition", "LanczosResult", "Spectrum", "Degeneracy",
     "CurvatureOperator", "HessianOperator", "GGNOperator", "NonFiniteError", "BasisMemoryError", "backends",
+    "theory", "scale_lr", "hessian_variance", "HessianVariance", "predict", "Prediction",
 ]

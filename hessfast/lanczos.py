@@ -9,6 +9,7 @@ components of its eigenvectors (Gauss-quadrature weights, Theorem 13) form the :
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -18,6 +19,7 @@ import scipy.linalg
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as _distributed
 from ._version import __version__
 from .operators import CurvatureOperator, _available_memory
 from .spectrum import Spectrum
@@ -55,16 +57,19 @@ class LanczosResult:
 
 
 def check_basis_memory(m: int, P: int, dtype: torch.dtype, device: torch.device, block_size: int = 1) -> int:
-    """Bytes of the (m + 1) x P basis; raise :class:`BasisMemoryError` if it cannot fit."""
+    """Bytes of the (m + 1) x P basis (block Lanczos: (ceil(m/b) + 1) blocks of b rows); raise
+    :class:`BasisMemoryError` if it cannot fit."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    need = (m + 1) * block_size * P * itemsize
+    rows = m + 1 if block_size == 1 else (-(-m // block_size) + 1) * block_size
+    need = rows * P * itemsize
     free = _available_memory(device)
     if need > 0.9 * free:
         gib = 2.0 ** 30
         raise BasisMemoryError(
             f"the Lanczos basis needs {need / gib:.2f} GiB ((m+1) x P = {m + 1} x {P:,} {dtype}) but only "
             f"{free / gib:.2f} GiB is free on {device}. Reduce m, use dtype=torch.float32, or pass reorth='none' "
-            f"(keeps 3 vectors; ghost eigenvalues appear)."
+            f"(keeps 3 vectors; ghost eigenvalues appear); or keep the basis in host memory (basis_device='cpu') "
+            f"or shard it over processes (torchrun; shard_basis=True), see hessfast.distributed.plan_basis."
         )
     return need
 
@@ -135,7 +140,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             loss_fn: Optional[Callable] = None, num_probes: int = 1, seed: Optional[int] = None,
             bn_mode: str = "eval", dtype: Optional[torch.dtype] = None, reorth: str = "full",
             block_size: int = 1, hvp_mode: str = "auto", backend: str = "auto", cache_graph: Any = "auto",
-            progress: Optional[bool] = None) -> Spectrum:
+            progress: Optional[bool] = None, distributed: Any = None, shard_basis: Optional[bool] = None,
+            basis_device: Any = None) -> Spectrum:
     """Spectrum of the Hessian or GGN of ``model`` on ``data`` by stochastic Lanczos quadrature.
 
     Args:
@@ -155,7 +161,14 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
         hvp_mode: ``"auto"``, ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
         backend: reorthogonalisation kernels: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
         cache_graph: keep autograd graphs between products when they fit (``"auto"``), always, never.
-        progress: tqdm progress bar; default on in a terminal.
+        progress: tqdm progress bar; default on in a terminal; only rank 0 of a process group shows it.
+        distributed: ``None`` (use the torch.distributed process group when one is initialised), ``True``,
+            ``False`` or a ``ProcessGroup``: ``data`` is then this rank's shard and every rank returns the
+            same Spectrum of the mean over all ranks' samples (see :mod:`hessfast.distributed`).
+        shard_basis: store only this rank's 1/world_size slice of every Lanczos vector (default: when
+            distributed, block_size=1 and P >= 10^6 or the replicated basis would crowd the device).
+        basis_device: where the (m+1) x P basis lives, e.g. ``"cpu"`` to keep it in host memory and
+            stream it through the compute device in tiles (default: the operator's device).
 
     Returns:
         :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m).
@@ -179,17 +192,23 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
         if data is None:
             raise TypeError("lanczos(model, data, ...) needs data: an (inputs, targets) batch or a DataLoader.")
         op = CurvatureOperator(model, data, curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype,
-                               hvp_mode=hvp_mode, cache_graph=cache_graph, progress=bool(progress))
+                               hvp_mode=hvp_mode, cache_graph=cache_graph,
+                               progress=bool(progress) and _distributed.is_main(distributed), distributed=distributed)
     P = op.P
     if m > P:
         raise ValueError(f"m = {m} exceeds the number of parameters P = {P}: a Krylov space has at most P "
                          f"dimensions. Use m <= {P}.")
-    if reorth == "full":
+    if op._dist is not None and not op._dist.is_main:
+        progress = False
+    runner = _distributed.basis_runner(op, m, reorth=reorth, block_size=block_size, shard_basis=shard_basis,
+                                       basis_device=basis_device, announce=tqdm.write if progress else None)
+    if reorth == "full" and runner is None:
         check_basis_memory(m, P, op.dtype, op.device, block_size)
+    decompose = runner if runner is not None else functools.partial(lanczos_decomposition, op.matvec)
 
     bar = tqdm(total=num_probes * m, desc=f"hessfast: lanczos ({op.curvature})", unit="step",
                disable=None if progress is None else not progress, leave=False)
-    probes = probe_vectors(num_probes, P, seed, op.dtype, op.device)
+    probes = probe_vectors(num_probes, P, _distributed.common_seed(op, seed), op.dtype, op.device)
     ritz = np.full((num_probes, m), np.nan)
     weights = np.zeros((num_probes, m))
     steps, breakdown = [], []
@@ -201,8 +220,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                 op.matmat, probes, m, block_size, reorth=reorth, backend=backend, bar=bar)
         else:
             for p in range(num_probes):
-                res = lanczos_decomposition(op.matvec, probes[p], m, reorth=reorth, backend=backend,
-                                            step_callback=bar.update, where=f" of probe {p}")
+                res = decompose(probes[p], m, reorth=reorth, backend=backend, step_callback=bar.update,
+                                where=f" of probe {p}")
                 theta, w = res.ritz()
                 ritz[p, : res.steps] = theta
                 weights[p, : res.steps] = w
@@ -218,5 +237,6 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
         "device": str(op.device), "single_batch": op._single, "steps": list(map(int, steps)),
         "breakdown": bool(any(breakdown)), "elapsed": time.perf_counter() - start,
         "hessfast_version": __version__, "torch_version": torch.__version__,
+        **_distributed.run_meta(op, runner),
     }
     return Spectrum(ritz, weights, meta)

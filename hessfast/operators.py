@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from . import _data
+from .distributed import context as _dist_context
 from ._guard import check_bn_mode, curvature_mode, model_device, trainable_parameters
 
 CURVATURES = ("hessian", "ggn")
@@ -81,6 +82,9 @@ class CurvatureOperator:
         cache_graph: keep the autograd graphs of all batches between products (``"auto"``: when they
             fit in half the free memory, measured from the first batch's saved tensors).
         progress: show a progress bar while the graphs are built.
+        distributed: with a torch.distributed process group (``None``: when one is initialised;
+            ``True``; a ``ProcessGroup``; ``False``: never) ``data`` is this rank's shard, possibly
+            empty, and products are exact means over the samples of all ranks (hessfast.distributed).
 
     Shapes: ``op @ v`` takes ``v`` of shape (P,) and returns (P,); ``op.matmat(V)`` takes (b, P).
     """
@@ -88,7 +92,7 @@ class CurvatureOperator:
     def __init__(self, model: nn.Module, data: Any, *, curvature: str = "hessian",
                  loss_fn: Optional[Callable] = None, bn_mode: str = "eval",
                  dtype: Optional[torch.dtype] = None, hvp_mode: str = "auto",
-                 cache_graph: Any = "auto", progress: bool = False):
+                 cache_graph: Any = "auto", progress: bool = False, distributed: Any = None):
         self.curvature = check_curvature(curvature)
         self.bn_mode = check_bn_mode(bn_mode)
         if hvp_mode not in HVP_MODES:
@@ -124,7 +128,11 @@ class CurvatureOperator:
         self._cache = None
         self._vmap_ok = True
         self.N = 0
-        self._build(cache_graph, hvp_mode)
+        self._dist = _dist_context(distributed)
+        if self._dist is None:
+            self._build(cache_graph, hvp_mode)
+        else:
+            self._dist.build_operator(self, cache_graph, hvp_mode)
 
     # ------------------------------------------------------------------ functional model and loss
     def _forward(self, params: tuple, inputs: Any) -> torch.Tensor:
@@ -280,6 +288,13 @@ class CurvatureOperator:
         return tuple(torch.stack(parts) for parts in zip(*rows))
 
     def _apply(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        if self._dist is None:
+            return self._local_sum(V, batched).div_(self.N)
+        total = self._dist.all_reduce_sum(lambda: self._local_sum(V, batched), V, "computing a curvature product")
+        return total.div_(self.N)
+
+    def _local_sum(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        """Sum over this process's samples of the per-sample products (zeros for an empty shard)."""
         v = self._split(V)
         total = None
         with curvature_mode(self.model, self.bn_mode):
@@ -295,7 +310,7 @@ class CurvatureOperator:
                 parts = [torch.zeros_like(vi) if p is None else p for vi, p in zip(v, parts)]
                 flat = self._flat(parts, batched)
                 total = flat if total is None else total.add_(flat)
-        return total.div_(self.N)
+        return torch.zeros_like(V) if total is None else total
 
     def _check_vector(self, v: torch.Tensor, batched: bool) -> torch.Tensor:
         if not isinstance(v, torch.Tensor):

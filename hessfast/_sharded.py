@@ -1,0 +1,287 @@
+"""Lanczos with a sharded and/or host-memory basis (the scale-out half of the distributed issue).
+
+**Sharded basis.** With R ranks, P is cut into R slices of c = ceil(P / R) entries (the last one
+zero-padded) and rank r stores only slice r of every Lanczos vector: (m+1) x c numbers. One step:
+
+    q_j      all-gather of the slices                 (each rank receives (R-1) c numbers)
+    w        = reduce-scatter of the local sums S_r(q_j), / N   (each rank sends (R-1) c)
+    CGS2     h = Q_loc w_loc, all-reduce(h) [k numbers], w_loc -= h^T Q_loc, twice
+    beta_j   sqrt(all-reduce(|w_loc|^2)),  q_{j+1} slice = w_loc / beta_j
+
+so the step moves the same 2 (R-1)/R P numbers per rank as the all-reduce of a replicated run (a
+ring all-reduce *is* a reduce-scatter followed by an all-gather), plus three all-reduces of at
+most m+1 numbers, while basis memory and reorthogonalisation work per rank drop by R.
+
+**Host-memory basis.** ``basis_device="cpu"`` keeps the stored rows (full or sharded) in host
+memory (pinned when the products run on CUDA) and streams them through the device in tiles of
+rows. Each CGS pass visits every tile once, projecting and subtracting while the tile is resident
+(block classical Gram-Schmidt within a tile, modified between tiles), and the pass is done twice:
+two host-to-device transfers of the basis per step instead of the four passes of a plain CGS2.
+With a single tile this is exactly CGS2 (paper Appendix D).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+GIB = 2.0 ** 30
+TILE_BYTES = 256 * 2 ** 20  # device bytes per streamed tile (two are resident: double buffering)
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2.0 ** 20)):
+        if nbytes >= 0.1 * scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{nbytes / 1024:.1f} KiB"
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class BasisPlan:
+    """Where the (m+1) x P Lanczos basis goes and whether it fits, decided before allocating.
+
+    ``bytes_per_rank`` = (m+1) * block_size * ceil(P / world_size) * itemsize is the stored basis on
+    each rank; ``free`` the bytes available where it goes (``where``); ``tile_rows`` the rows per
+    streamed tile (None: the basis is on the compute device and used in place).
+    """
+
+    m: int
+    P: int
+    dtype: torch.dtype
+    world_size: int
+    block_size: int
+    compute_device: torch.device
+    where: torch.device
+    bytes_per_rank: int
+    free: int
+    device_free: int
+    host_free: int
+    tile_rows: Optional[int]
+
+    @property
+    def fits(self) -> bool:
+        return self.bytes_per_rank <= 0.9 * self.free
+
+    def largest_m(self, free: int, world_size: int) -> int:
+        per_step = self.block_size * math.ceil(self.P / world_size) * _itemsize(self.dtype)
+        return max(int(0.9 * free // per_step) - 1, 0)
+
+    def __str__(self) -> str:
+        size = _itemsize(self.dtype)
+        full = (self.m + 1) * self.block_size * self.P * size
+        lines = [f"Lanczos basis: (m+1) x P = {self.m + 1} x {self.P:,} {str(self.dtype).replace('torch.', '')} "
+                 f"= {_size(full)} in all; {_size(self.bytes_per_rank)} per rank on {self.where} "
+                 f"(world size {self.world_size}), {_size(self.free)} free there: "
+                 f"{'fits' if self.fits else 'does NOT fit'}."]
+        if self.tile_rows is not None:
+            lines.append(f"Streamed through {self.compute_device} in tiles of {self.tile_rows} rows.")
+        if not self.fits or self.where != self.compute_device:
+            opts = []
+            if self.where == self.compute_device and self.compute_device.type != "cpu":
+                ok = self.bytes_per_rank <= 0.9 * self.host_free
+                opts.append(f"basis_device='cpu' ({_size(self.host_free)} free in host memory: "
+                            f"{'fits' if ok else 'does not fit either'})")
+            need = math.ceil(full / (0.9 * max(self.free, 1)))
+            if need > self.world_size:
+                opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
+            opts.append(f"m <= {self.largest_m(self.free, self.world_size)} on this configuration")
+            opts.append("dtype=torch.float32 (half of float64)" if self.dtype == torch.float64 else
+                        "reorth='none' (three vectors; ghost eigenvalues appear)")
+            lines.append("Options: " + "; ".join(opts) + ".")
+        return " ".join(lines)
+
+
+def plan_basis(m: int, P: int, dtype: torch.dtype, device: torch.device, *, world_size: int = 1,
+               basis_device: Any = None, block_size: int = 1, tile_bytes: int = TILE_BYTES) -> BasisPlan:
+    """Decide where the basis goes and how it is streamed; allocates nothing."""
+    from .operators import _available_memory
+
+    device = torch.device(device)
+    where = device if basis_device is None else torch.device(basis_device)
+    if where.type == "cuda" and where.index is None:
+        where = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    chunk = math.ceil(P / world_size)
+    size = _itemsize(dtype)
+    per_rank = (m + 1) * block_size * chunk * size
+    device_free = _available_memory(device)
+    host_free = device_free if device.type == "cpu" else _available_memory(torch.device("cpu"))
+    free = device_free if where == device else (host_free if where.type == "cpu" else _available_memory(where))
+    tile_rows = None
+    if where != device:
+        tile_rows = max(1, min(m + 1, tile_bytes // max(chunk * size, 1)))
+    return BasisPlan(m, P, dtype, world_size, block_size, device, where, per_rank, free, device_free, host_free,
+                     tile_rows)
+
+
+# ---------------------------------------------------------------------------- tiles of the stored basis
+def _tiles(Q: torch.Tensor, k: int, rows: int, device: torch.device):
+    """Yield (start, tile) for rows [0, k) of Q, tiles on ``device``.
+
+    Q on ``device``: views. Q in pinned host memory and ``device`` CUDA: double-buffered copies on a
+    side stream, the next tile in flight while the current one is used.
+    """
+    starts = range(0, k, rows)
+    if Q.device == device:
+        for t0 in starts:
+            yield t0, Q[t0:min(k, t0 + rows)]
+        return
+    if device.type != "cuda":
+        for t0 in starts:
+            yield t0, Q[t0:min(k, t0 + rows)].to(device)
+        return
+    compute = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    bufs = [torch.empty((min(rows, k), Q.shape[1]), dtype=Q.dtype, device=device) for _ in range(2)]
+    released = [None, None]
+    ready = [None, None]
+
+    def issue(i):
+        t0, slot = i * rows, i % 2
+        n = min(k, t0 + rows) - t0
+        with torch.cuda.stream(side):
+            if released[slot] is not None:
+                side.wait_event(released[slot])  # the tile that last used this buffer is done
+            bufs[slot][:n].copy_(Q[t0:t0 + n], non_blocking=True)
+            ready[slot] = torch.cuda.Event()
+            ready[slot].record(side)
+
+    count = len(starts)
+    issue(0)
+    for i, t0 in enumerate(starts):
+        if i + 1 < count:
+            issue(i + 1)
+        slot = i % 2
+        compute.wait_event(ready[slot])
+        yield t0, bufs[slot][:min(k, t0 + rows) - t0]
+        released[slot] = torch.cuda.Event()
+        released[slot].record(compute)
+
+
+def project_out(Q: torch.Tensor, k: int, w: torch.Tensor, *, tile_rows: Optional[int] = None,
+                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
+    """Remove from ``w`` its components on the first k stored rows of Q, twice; Q may be sharded.
+
+    Args:
+        Q: (m+1, c) stored rows (this rank's slices when sharded), on any device.
+        k: rows in use. w: (c,) on the compute device, modified in place.
+        tile_rows: rows per tile (None: all k at once, i.e. exactly CGS2).
+        reduce: in-place sum over ranks of a small tensor (None: single process).
+
+    Returns:
+        (w, coeffs (k,) float64 = total projection coefficients, norm = |w| over all ranks).
+    """
+    rows = k if tile_rows is None else max(1, tile_rows)
+    coeffs = torch.zeros(k, dtype=w.dtype, device=w.device)
+    for _ in range(2):
+        for t0, tile in _tiles(Q, k, rows, w.device):
+            h = tile @ w
+            if reduce is not None:
+                reduce(h)
+            w.sub_(h @ tile)
+            coeffs[t0:t0 + tile.shape[0]] += h
+    sq = torch.dot(w, w).reshape(1)
+    if reduce is not None:
+        reduce(sq)
+    return w, coeffs.double().cpu(), math.sqrt(max(float(sq), 0.0))
+
+
+# ---------------------------------------------------------------------------- the Lanczos loop
+class BasisLanczos:
+    """Lanczos steps of a :class:`CurvatureOperator` with a sharded and/or host-memory basis.
+
+    Called like :func:`hessfast.lanczos.lanczos_decomposition` without the matvec:
+    ``run(q0, m, reorth="full", backend=..., step_callback=..., where=...) -> LanczosResult``;
+    every rank returns the same alpha and beta. ``keep_basis=True`` returns this rank's slices
+    (k, c) of the basis, rows [rank*c, (rank+1)*c) of P.
+    """
+
+    def __init__(self, op, m: int, *, shard: bool, basis_device: Any = None, tile_rows: Optional[int] = None,
+                 block_size: int = 1, announce: Optional[Callable[[str], None]] = None):
+        from .lanczos import BasisMemoryError
+
+        if block_size != 1:
+            raise NotImplementedError("shard_basis / basis_device support single-vector Lanczos (block_size=1) "
+                                      "only; use block_size=1, or the replicated in-device basis for block Lanczos.")
+        self.op = op
+        self.ctx = op._dist if shard else None
+        self.world_size = 1 if self.ctx is None else self.ctx.world_size
+        self.rank = 0 if self.ctx is None else self.ctx.rank
+        self.chunk = math.ceil(op.P / self.world_size)
+        self.plan = plan_basis(m, op.P, op.dtype, op.device, world_size=self.world_size,
+                               basis_device=basis_device, block_size=block_size)
+        if tile_rows is not None:
+            self.plan.tile_rows = tile_rows
+        if announce is not None:
+            announce(str(self.plan))
+        if not self.plan.fits:
+            raise BasisMemoryError(str(self.plan))
+        self.shard, self.basis_device = self.ctx is not None, basis_device
+
+    def _product_slice(self, q_full: torch.Tensor) -> torch.Tensor:
+        op, ctx = self.op, self.ctx
+        if ctx is None:
+            return op.matvec(q_full)
+        local = ctx.reduce_scatter_sum(lambda: op._local_sum(q_full, False), op.P, self.chunk, q_full,
+                                       "computing a curvature product")
+        return local.div_(op.N)
+
+    def __call__(self, q0: torch.Tensor, m: int, *, reorth: str = "full", backend: str = "auto",
+                 keep_basis: bool = False, breakdown_tol: Optional[float] = None,
+                 step_callback: Optional[Callable] = None, where: str = ""):
+        from .lanczos import LanczosResult, NonFiniteError
+
+        op, ctx, c, P = self.op, self.ctx, self.chunk, self.op.P
+        lo, hi = min(self.rank * c, P), min((self.rank + 1) * c, P)
+        dtype, device = op.dtype, op.device
+        where_q = self.plan.where
+        Q = None
+        if where_q.type == "cpu" and device.type == "cuda":
+            try:  # pinned pages make the tile copies asynchronous; pageable memory still works, slower
+                Q = torch.zeros((m + 1, c), dtype=dtype, pin_memory=True)
+            except RuntimeError:
+                Q = None
+        if Q is None:
+            Q = torch.zeros((m + 1, c), dtype=dtype, device=where_q)
+        reduce = None if ctx is None else ctx.all_reduce_small
+        eps = torch.finfo(dtype).eps
+
+        q_full = q0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(q0)
+        Q[0, : hi - lo].copy_(q_full[lo:hi])
+        alpha, beta = [], []
+        anorm, breakdown = 0.0, False
+        for j in range(m):
+            w = self._product_slice(q_full)
+            w, coeffs, b = project_out(Q, j + 1, w, tile_rows=self.plan.tile_rows, reduce=reduce)
+            a = float(coeffs[j])
+            if not (np.isfinite(a) and np.isfinite(b)):
+                raise NonFiniteError(f"a curvature-vector product returned NaN or Inf at Lanczos step {j}{where}. "
+                                     "Check the loss at these weights (and the data for NaN), or use "
+                                     "dtype=torch.float64.")
+            alpha.append(a)
+            anorm = max(anorm, abs(a) + b + (beta[-1] if beta else 0.0))
+            if step_callback is not None:
+                step_callback()
+            if j == m - 1:
+                break
+            tol = breakdown_tol if breakdown_tol is not None else 100 * eps * max(anorm, 1e-300)
+            if b <= tol:
+                breakdown = True
+                break
+            beta.append(b)
+            w.div_(b)
+            Q[j + 1].copy_(w)
+            q_full = w if ctx is None else ctx.all_gather_vector(w, P)
+        k = len(alpha)
+        basis = Q[:k] if keep_basis else None
+        return LanczosResult(np.array(alpha), np.array(beta[: k - 1]), basis, breakdown)
+
+    def meta(self) -> dict:
+        return {"shard_basis": self.shard, "basis_device": str(self.plan.where),
+                "basis_bytes_per_rank": int(self.plan.bytes_per_rank), "basis_tile_rows": self.plan.tile_rows}
