@@ -291,7 +291,7 @@ class DistContext:
         def local():
             empty[0] = _is_empty(op._data, op._single)
             if empty[0]:
-                op.N, op._cache, op.cached, op.graph_bytes_estimate = 0, [], False, 0
+                op.N, op._cache, op.cached, op.graph_bytes_estimate = 0, None, False, 0
                 op.hvp_mode = "reverse" if hvp_mode == "auto" else hvp_mode
             else:
                 op._build(cache_graph, hvp_mode)

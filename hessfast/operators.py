@@ -154,13 +154,12 @@ class CurvatureOperator:
     def _leaf_params(self) -> tuple:
         return tuple(p.detach().requires_grad_(True) for p in self._params)
 
-    def _graph(self, batch) -> dict:
+    def _graph(self, batch, params: Optional[tuple] = None) -> dict:
         """Autograd graph of one batch from which every product is a backward pass."""
-        params = self._leaf_params()
+        params = self._leaf_params() if params is None else params
         if self.curvature == "hessian":
             loss = self._batch_loss(params, batch)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(params, grads))
             return {"params": params, "grads": grads}
         inputs, targets = batch
         out = self._forward(params, inputs)
@@ -170,11 +169,26 @@ class CurvatureOperator:
         # Double-vjp trick: jtu = J^T u is linear in u, so d(jtu)/du^T v = J v without forward mode.
         u = torch.zeros_like(out, requires_grad=True)
         jtu = torch.autograd.grad(out, params, u, create_graph=True, allow_unused=True)
-        keep = [i for i, g in enumerate(jtu) if g is not None]
-        return {"params": params, "out": out, "out_d": out_d, "grad_out": grad_out, "u": u,
-                "jtu": tuple(jtu[i] for i in keep), "jtu_index": keep}
+        return {"params": params, "out": [out], "out_d": [out_d], "grad_out": [grad_out], "u": [u], "jtu": jtu}
 
-    def _saved_bytes(self, batch) -> tuple:
+    @staticmethod
+    def _merge(graphs: list) -> dict:
+        """One graph for all batches (sharing leaf parameters): a product is then a single backward
+        call instead of one per batch. Gradients add up; the GGN's per-batch pieces are listed."""
+
+        def add(a, b):
+            return tuple(x if y is None else (y if x is None else x + y) for x, y in zip(a, b))
+
+        merged = dict(graphs[0])
+        key = "grads" if "grads" in merged else "jtu"
+        for g in graphs[1:]:
+            merged[key] = add(merged[key], g[key])
+            if key == "jtu":
+                for name in ("out", "out_d", "grad_out", "u"):
+                    merged[name] = merged[name] + g[name]
+        return merged
+
+    def _saved_bytes(self, batch, params: tuple) -> tuple:
         """Build one batch's graph while counting the bytes autograd saves for it."""
         total = [0]
         seen = set()
@@ -187,7 +201,7 @@ class CurvatureOperator:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            graph = self._graph(batch)
+            graph = self._graph(batch, params)
         return graph, total[0]
 
     def _build(self, cache_graph, hvp_mode: str) -> None:
@@ -197,42 +211,46 @@ class CurvatureOperator:
             batches = self._batches()
             first = next(batches)
             self.N = _data.batch_size(first)
-            graph, nbytes = self._saved_bytes(first)
+            leaves = self._leaf_params()
+            graph, nbytes = self._saved_bytes(first, leaves)
             n_batches = 1 if self._single else (len(self._data) if hasattr(self._data, "__len__") else None)
             estimate = nbytes * (n_batches or 1)
             fits = estimate <= 0.5 * _available_memory(self.device)
             self.graph_bytes_estimate = estimate
             self.cached = hvp_mode != "forward" and (cache_graph is True or (cache_graph == "auto" and fits))
-            cache = [(first, graph)] if self.cached else None
-            del graph
+            graphs = [graph] if self.cached else None
             bar = tqdm(batches, desc="hessfast: data", total=(n_batches - 1) if n_batches else None,
                        disable=not self.progress, leave=False)
             for batch in bar:
                 self.N += _data.batch_size(batch)
-                if cache is not None:
-                    cache.append((batch, self._graph(batch)))
-            self._cache = cache
-            self.hvp_mode = hvp_mode if hvp_mode != "auto" else self._fastest_mode(first)
-            if self.hvp_mode == "forward" and self._cache is not None:
-                self._cache, self.cached = None, False
+                if graphs is not None:
+                    graphs.append(self._graph(batch, leaves))
+            self.hvp_mode = hvp_mode if hvp_mode != "auto" else self._fastest_mode(first, graph if self.cached else None)
+            del graph
+            self._cache = self._merge(graphs) if graphs is not None and self.hvp_mode == "reverse" else None
+            self.cached = self._cache is not None
+            self.N_local = self.N  # samples of this process (distributed runs sum N over processes)
 
-    def _fastest_mode(self, batch) -> str:
-        """Time one product per mode on one batch (best of two) and return the faster mode."""
+    def _fastest_mode(self, batch, graph: Optional[dict]) -> str:
+        """Time one product per mode on the first batch (best of three) and return the faster mode.
+
+        Reverse mode with a cached graph is kept unless forward-over-reverse is clearly (20%) faster:
+        timings on a busy machine are noisy, and dropping the cache costs a forward pass per product.
+        """
         v = tuple(torch.randn_like(p) for p in self._params)
         times = {}
         for mode in ("reverse", "forward"):
-            graph = self._cache[0][1] if (mode == "reverse" and self._cache) else None
             best = math.inf
-            for _ in range(2):
+            for _ in range(3):
                 start = time.perf_counter()
                 try:
-                    self._batch_product(batch, v, mode, graph)
+                    self._batch_product(batch, v, mode, graph if mode == "reverse" else None)
                 except RuntimeError:  # e.g. a derivative formula without forward-mode support
                     break
                 best = min(best, time.perf_counter() - start)
             times[mode] = best
         self.mode_timings = times
-        return min(times, key=times.get)
+        return "forward" if times["forward"] < 0.8 * times["reverse"] else "reverse"
 
     # ------------------------------------------------------------------ products
     def _split(self, v: torch.Tensor) -> tuple:
@@ -248,14 +266,17 @@ class CurvatureOperator:
         if mode == "reverse":
             graph = graph if graph is not None else self._graph(batch)
             if self.curvature == "hessian":
-                return torch.autograd.grad(graph["grads"], graph["params"], v, retain_graph=True,
-                                           allow_unused=True, is_grads_batched=batched)
-            vk = tuple(v[i] for i in graph["jtu_index"])
-            if not vk:
-                return tuple(None for _ in v)
-            (jv,) = torch.autograd.grad(graph["jtu"], graph["u"], vk, retain_graph=True, is_grads_batched=batched)
-            (hjv,) = torch.autograd.grad(graph["grad_out"], graph["out_d"], jv, retain_graph=True,
-                                         is_grads_batched=batched)
+                keep = [i for i, g in enumerate(graph["grads"]) if g is not None and g.requires_grad]
+                if not keep:  # the loss is linear in the parameters
+                    return tuple(None for _ in v)
+                return torch.autograd.grad([graph["grads"][i] for i in keep], graph["params"],
+                                           [v[i] for i in keep], retain_graph=True, allow_unused=True,
+                                           is_grads_batched=batched)
+            keep = [i for i, g in enumerate(graph["jtu"]) if g is not None]
+            jv = torch.autograd.grad([graph["jtu"][i] for i in keep], graph["u"], [v[i] for i in keep],
+                                     retain_graph=True, is_grads_batched=batched)
+            hjv = torch.autograd.grad(graph["grad_out"], graph["out_d"], jv, retain_graph=True,
+                                      is_grads_batched=batched)
             return torch.autograd.grad(graph["out"], graph["params"], hjv, retain_graph=True,
                                        allow_unused=True, is_grads_batched=batched)
         # forward-over-reverse with torch.func
@@ -295,10 +316,12 @@ class CurvatureOperator:
 
     def _local_sum(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
         """Sum over this process's samples of the per-sample products (zeros for an empty shard)."""
+        if self.N_local == 0:  # an empty data shard of a distributed run
+            return torch.zeros_like(V)
         v = self._split(V)
         total = None
         with curvature_mode(self.model, self.bn_mode):
-            pairs = self._cache if self._cache is not None else ((b, None) for b in self._batches())
+            pairs = [(None, self._cache)] if self._cache is not None else ((b, None) for b in self._batches())
             for batch, graph in pairs:
                 try:
                     parts = self._batch_product(batch, v, self.hvp_mode, graph, batched)
