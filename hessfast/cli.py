@@ -1,0 +1,346 @@
+"""The ``hessfast`` command line.
+
+    hessfast demo                         # the main job: digits + MLP, spectra, variance, lr rules
+    hessfast spectrum --model mlp --data digits --curvature ggn --m 80
+    hessfast variance --model mlp --data digits
+    hessfast predict  --model mlp --data digits --batch-sizes 16,32,64,128,256
+    hessfast run track --scale tiny       # a paper experiment (see `hessfast run --list`)
+
+Models and data are chosen by registered name or by ``package.module:function`` for your own.
+Errors in the arguments exit with status 2 and a message saying what to change.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``hessfast <command>: error: <message>``, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# argument helpers
+
+
+def _kv(items: Optional[List[str]], what: str) -> Dict[str, Any]:
+    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it can be (numbers, lists, true/false)."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CLIError(f"{what} {item!r} is not KEY=VALUE (e.g. {what} hidden=[64,64]).")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,32,64, got {text!r}") from None
+    if not vals or any(v < 1 for v in vals):
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return vals
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _add_model_data(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default="mlp",
+                   help="registered model (mlp, vgg16, vgg16_bn, preresnet110, wrn28x10, small_cnn) or "
+                        "'module:function' returning an nn.Module (given num_classes=, in_shape= if it takes them)")
+    g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="keyword for the model factory, e.g. hidden=[64,64] (repeatable)")
+    g.add_argument("--data", default="digits",
+                   help="registered data set (digits, gmm, cifar10, cifar100, imagenet32) or 'module:function' "
+                        "returning a hessfast.harness.data.DataBundle or (x, y) tensors")
+    g.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
+                   help="keyword for the data factory, e.g. root=/data (repeatable)")
+    g.add_argument("--download", action="store_true", help="download CIFAR into the data folder if it is missing")
+    g.add_argument("--checkpoint", metavar="FILE",
+                   help="weights to load: a state_dict .pt or a hessfast run's checkpoint.pt (weights_only=True)")
+    g.add_argument("--train-epochs", type=int, default=0, metavar="E",
+                   help="first train the model for E epochs (SGD lr 0.05, momentum 0.9, batch 64); default 0")
+    g.add_argument("--max-samples", type=_positive_int, default=None, metavar="N",
+                   help="use only the first N training samples")
+    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, probes and batches (default 0)")
+    g.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
+
+
+def _load_model_data(args) -> tuple:
+    import torch
+
+    from .harness.data import load_data
+    from .harness.models import build_model
+
+    data_kwargs = _kv(args.data_arg, "--data-arg")
+    if args.download:
+        data_kwargs["download"] = True
+    data = load_data(args.data, **data_kwargs)
+    model = build_model(args.model, num_classes=data.num_classes, in_shape=data.in_shape, seed=args.seed,
+                        **_kv(args.model_arg, "--model-arg"))
+    if args.checkpoint:
+        f = Path(args.checkpoint)
+        if not f.is_file():
+            raise CLIError(f"--checkpoint {f} does not exist.")
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CLIError(f"--checkpoint {f} does not fit model {args.model!r}: {str(e).splitlines()[0]}") from None
+    if args.train_epochs > 0:
+        from .harness.runs import Run
+        from .harness.train import TrainConfig, load_trained_model, train
+
+        cfg = TrainConfig(model=args.model, model_kwargs=_kv(args.model_arg, "--model-arg"), data=args.data,
+                          data_kwargs=data_kwargs, lr=0.05, momentum=0.9, batch_size=64, epochs=args.train_epochs,
+                          schedule="constant", seed=args.seed)
+        r = Run(Path(args.out) / "train", cfg.to_dict(), overwrite=True)
+        res = train(cfg, r, data, progress=not args.quiet)
+        if res["status"] != "finished":
+            raise CLIError(f"training diverged: {res.get('diverged_at')}")
+        model = load_trained_model(r, cfg, data)
+    if args.max_samples:
+        data.train_x, data.train_y = data.train_x[: args.max_samples], data.train_y[: args.max_samples]
+    return model, data
+
+
+def _out(args) -> Path:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_spectrum(args) -> int:
+    import hessfast
+
+    from .harness.data import random_batches
+    from .harness.measure import full_loader
+
+    if args.m < 1:
+        raise CLIError(f"--m must be >= 1, got {args.m}.")
+    model, data = _load_model_data(args)
+    if args.batch_size:
+        loader = random_batches(data.train_x, data.train_y, args.batch_size, 1, seed=args.seed)[0]
+        tag = f"batch{args.batch_size}"
+    else:
+        loader = full_loader(data)
+        tag = "full"
+    import torch
+
+    spec = hessfast.lanczos(model, loader, m=args.m, curvature=args.curvature, num_probes=args.probes, seed=args.seed,
+                            bn_mode=args.bn_mode, dtype=torch.float64 if args.float64 else None,
+                            progress=not args.quiet)
+    out = _out(args)
+    stem = out / f"spectrum_{args.curvature}_{tag}"
+    spec.save(f"{stem}.json")
+    spec.plot(f"{stem}.png")
+    print(spec)
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def cmd_variance(args) -> int:
+    from hessfast.variance import hessian_variance
+
+    from .harness.measure import full_loader
+
+    model, data = _load_model_data(args)
+    res = hessian_variance(model, full_loader(data), curvature=args.curvature, num_probes=args.probes,
+                           seed=args.seed, max_samples=args.variance_samples, progress=not args.quiet)
+    out = _out(args)
+    f = out / f"variance_{args.curvature}.json"
+    f.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
+    print(res)
+    print(f"wrote {f}")
+    return 0
+
+
+def _predict_fn():
+    """``hessfast.predict`` (the function, whether or not the package exports it at the top level)."""
+    import importlib
+    import types
+
+    try:
+        fn = importlib.import_module("hessfast.predict")
+    except ImportError:
+        raise CLIError("this hessfast build has no hessfast.predict (issue 4); use 'hessfast demo' or "
+                       "'hessfast run track' for measured vs predicted batch lambda_1.") from None
+    return fn.predict if isinstance(fn, types.ModuleType) else fn
+
+
+def cmd_predict(args) -> int:
+    from .harness.data import BatchLoader
+
+    predict = _predict_fn()
+    model, data = _load_model_data(args)
+    loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
+    too_big = [b for b in args.batch_sizes if b > data.n_train]
+    if too_big:
+        raise CLIError(f"--batch-sizes {too_big} exceed the {data.n_train} training samples.")
+    table = predict(model, loader, batch_sizes=args.batch_sizes, curvature=args.curvature,
+                    num_batches=args.num_batches, reference_batch=args.reference_batch, lr_sgd=args.lr_sgd,
+                    lr_adam=args.lr_adam, seed=args.seed, progress=not args.quiet)
+    out = _out(args)
+    stem = out / f"predict_{args.curvature}"
+    if hasattr(table, "save"):
+        table.save(f"{stem}.json")
+    elif hasattr(table, "to_json"):
+        Path(f"{stem}.json").write_text(table.to_json())
+    if hasattr(table, "plot"):
+        table.plot(f"{stem}.png")
+    print(table)
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .harness import recipes
+
+    if args.list or not args.recipe:
+        for name, desc in recipes.describe().items():
+            print(f"  {name:<15} {desc}")
+        if not args.list:
+            raise CLIError("give a recipe name, e.g. 'hessfast run track --scale tiny' (list above).")
+        return 0
+    if args.recipe.replace("_", "-") not in recipes.RECIPES:
+        raise CLIError(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(recipes.RECIPES)}.")
+    res = recipes.run_recipe(args.recipe, args.out, args.scale, seed=args.seed, progress=not args.quiet,
+                             overwrite=args.overwrite, device=args.device, overrides=_kv(args.set, "--set"))
+    folder = Path(res["folder"])
+    print((folder / "summary.md").read_text())
+    print(f"results in {folder}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .harness.demo import run_demo
+
+    run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet, num_batches=args.num_batches,
+             m=args.m)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hessfast", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Curvature spectra of neural networks and the batch-size learning-rate rules of "
+                    "Granziol, Zohren & Roberts (Lanczos on the Hessian/GGN, Hessian variance, Theorems 4 and 7).",
+        epilog="Start with 'hessfast demo'. Each command has its own --help.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("spectrum", help="Lanczos spectrum of the Hessian or GGN (full data or one batch)",
+                       description="Spectral density of the Hessian or GGN of a model by stochastic Lanczos "
+                                   "quadrature; writes spectrum JSON and a PNG.")
+    _add_model_data(s)
+    s.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    s.add_argument("--m", type=int, default=100, help="Lanczos steps (default 100, as in the paper)")
+    s.add_argument("--probes", type=_positive_int, default=1, help="random probe vectors (default 1)")
+    s.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="spectrum of one random batch of B samples (the batch Hessian); default: all training data")
+    s.add_argument("--bn-mode", choices=["eval", "train"], default="eval", help="batch norm mode (Appendix E)")
+    s.add_argument("--float64", action="store_true", help="compute in float64")
+    s.set_defaults(func=cmd_spectrum)
+
+    v = sub.add_parser("variance", help="Hessian variance sigma2 (Algorithm 1) for the theory's predictions",
+                       description="Per-element variance of the per-sample Hessian (or GGN): sigma2 of Theorems 4, 7.")
+    _add_model_data(v)
+    v.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    v.add_argument("--probes", type=_positive_int, default=8, help="random probes (default 8)")
+    v.add_argument("--variance-samples", type=_positive_int, default=None, metavar="N",
+                   help="estimate on N samples drawn without replacement (default: all)")
+    v.set_defaults(func=cmd_variance)
+
+    pr = sub.add_parser("predict", help="measured vs predicted batch lambda_1 and learning rates per batch size",
+                        description="For each batch size: full and batch lambda_1, Theorem 4/7 predictions, the "
+                                    "largest stable SGD learning rate and recommended SGD/Adam learning rates.")
+    _add_model_data(pr)
+    pr.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    pr.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], metavar="B1,B2,...")
+    pr.add_argument("--num-batches", type=_positive_int, default=10, help="random batches per batch size (default 10)")
+    pr.add_argument("--reference-batch", type=_positive_int, default=None, metavar="B0",
+                    help="batch size the learning rates are scaled from (default: the smallest of --batch-sizes)")
+    pr.add_argument("--lr-sgd", type=float, default=None, help="SGD learning rate tuned at B0 (default: factors)")
+    pr.add_argument("--lr-adam", type=float, default=None, help="Adam learning rate tuned at B0 (default: factors)")
+    pr.set_defaults(func=cmd_predict)
+
+    from .harness.recipes import RECIPES
+
+    r = sub.add_parser("run", help="run (or resume) a paper experiment: " + ", ".join(RECIPES),
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run a named experiment of the paper into OUT/RECIPE-SCALE/. Rerunning the same "
+                                   "command resumes where it stopped. 'hessfast run --list' describes the recipes.")
+    r.add_argument("recipe", nargs="?", help="recipe name: " + ", ".join(RECIPES))
+    r.add_argument("--list", action="store_true", help="list the recipes")
+    r.add_argument("--scale", choices=["tiny", "small", "paper"], default="tiny",
+                   help="tiny: < 1 minute on a CPU; small: minutes on a CPU; paper: the paper's settings (GPU)")
+    r.add_argument("--out", default="hessfast_runs", help="output folder (default ./hessfast_runs)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    r.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scale setting, e.g. epochs=5")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="the main job on embedded digits data (about a minute on a CPU)",
+                       description="Train an MLP on scikit-learn's digits, then compute full and batch Hessian/GGN "
+                                   "spectra, the Hessian variance, measured vs predicted batch lambda_1 for "
+                                   "B in {16,...,256} and recommended SGD/Adam learning rates. Prints a table and "
+                                   "writes JSON and PNG plots to --out.")
+    d.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
+    d.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
+    d.add_argument("--num-batches", type=_positive_int, default=10, help="random batches per batch size (default 10)")
+    d.add_argument("--m", type=_positive_int, default=60, help="Lanczos steps for the full-data spectra (default 60)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as e:
+        print(f"hessfast {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, KeyError) as e:
+        print(f"hessfast {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"hessfast {args.command}: interrupted; rerun the same command to resume.", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
