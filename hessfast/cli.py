@@ -136,31 +136,51 @@ def _out(args) -> Path:
 
 
 def cmd_spectrum(args) -> int:
-    import hessfast
+    """Spectrum of the full-data or one-batch curvature; under ``torchrun`` each rank takes its shard.
 
-    from .harness.data import random_batches
-    from .harness.measure import full_loader
+    With several processes (``torchrun --nproc_per_node=N -m hessfast spectrum ...``) the model and
+    data go to each rank's device, each rank reads its contiguous share of the samples (a one-batch
+    spectrum draws the same batch on every rank, then shards it) and only rank 0 prints and writes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    import hessfast
+    from hessfast import distributed as hdist
+
+    from .harness.data import BatchLoader, random_batches
 
     if args.m < 1:
-        raise CLIError(f"--m must be >= 1, got {args.m}.")
-    model, data = _load_model_data(args)
-    if args.batch_size:
-        loader = random_batches(data.train_x, data.train_y, args.batch_size, 1, seed=args.seed)[0]
-        tag = f"batch{args.batch_size}"
-    else:
-        loader = full_loader(data)
-        tag = "full"
-    import torch
-
-    spec = hessfast.lanczos(model, loader, m=args.m, curvature=args.curvature, num_probes=args.probes, seed=args.seed,
-                            bn_mode=args.bn_mode, dtype=torch.float64 if args.float64 else None,
-                            progress=not args.quiet)
-    out = _out(args)
-    stem = out / f"spectrum_{args.curvature}_{tag}"
-    spec.save(f"{stem}.json")
-    spec.plot(f"{stem}.png")
-    print(spec)
-    print(f"wrote {stem}.json and {stem}.png")
+        raise CLIError(f"--steps/--m must be >= 1, got {args.m}.")
+    ctx = hdist.init_from_env()
+    if ctx is not None and args.train_epochs > 0:
+        raise CLIError("--train-epochs cannot be combined with torchrun (each rank would train its own copy); "
+                       "train first, then pass --checkpoint.")
+    try:
+        model, data = _load_model_data(args)
+        device = hdist.local_device() if ctx is not None else torch.device("cpu")
+        model = model.to(device)
+        if args.batch_size:
+            x, y = random_batches(data.train_x, data.train_y, args.batch_size, 1, seed=args.seed)[0]
+            tag = f"batch{args.batch_size}"
+        else:
+            x, y = data.train_x, data.train_y
+            tag = "full"
+        x, y = hdist.shard_tensors(x, y)
+        loader = [(xb.to(device), yb.to(device)) for xb, yb in BatchLoader(x, y, 1024, shuffle=False)]
+        spec = hessfast.lanczos(model, loader, m=args.m, curvature=args.curvature, num_probes=args.probes,
+                                seed=args.seed, bn_mode=args.bn_mode, dtype=torch.float64 if args.float64 else None,
+                                progress=not args.quiet)
+        if hdist.is_main():
+            out = _out(args)
+            stem = out / f"spectrum_{args.curvature}_{tag}"
+            spec.save(f"{stem}.json")
+            spec.plot(f"{stem}.png")
+            print(spec)
+            print(f"wrote {stem}.json and {stem}.png")
+    finally:
+        if ctx is not None and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
@@ -263,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "quadrature; writes spectrum JSON and a PNG.")
     _add_model_data(s)
     s.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    s.add_argument("--m", type=int, default=100, help="Lanczos steps (default 100, as in the paper)")
+    # --steps as well as --m: torchrun refuses script options that abbreviate its own (--m of --master_*)
+    s.add_argument("--steps", "--m", dest="m", type=int, default=100,
+                   help="Lanczos steps m (default 100, as in the paper)")
     s.add_argument("--probes", type=_positive_int, default=1, help="random probe vectors (default 1)")
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="spectrum of one random batch of B samples (the batch Hessian); default: all training data")

@@ -66,6 +66,29 @@ def test_spectrum_command_writes_json_and_png(capsys, tmp_path):
     assert "lambda_max" in out
 
 
+def test_spectrum_under_torchrun_equals_one_process(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = ["-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits", "--steps", "10",
+              "--max-samples", "301", "--float64"]
+    code, _, err = _run(capsys, *common, "--out", str(tmp_path / "one"))
+    assert code == 0, err
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                        "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "hessfast", *common,
+                        "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "spectrum_hessian_full.json").read_text())
+    two = json.loads((tmp_path / "two" / "spectrum_hessian_full.json").read_text())
+    assert two["meta"]["world_size"] == 2 and two["meta"]["N"] == one["meta"]["N"] == 301
+    for a, b in zip(one["ritz_values"][0], two["ritz_values"][0]):
+        assert abs(a - b) <= 1e-9 * abs(one["ritz_values"][0][-1])
+
+
 def test_spectrum_loads_a_checkpoint_that_does_not_fit(capsys, tmp_path):
     import torch
 
