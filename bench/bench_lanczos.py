@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _common import environment  # also puts the source tree on sys.path when hessfast is not installed
+from _common import SmallCNN, best_of, digits_batches, environment, mlp  # noqa: I001 (puts the source tree on sys.path)
 
 import hessfast
 from hessfast.operators import CurvatureOperator
@@ -40,42 +40,11 @@ from hessfast.operators import CurvatureOperator
 TARGET = 130.0  # issue "Core": lanczos(m=100) <= 130 x one gradient over the data
 
 
-def time_call(fn, repeat: int = 3, warmup: int = 1) -> float:
-    """Best-of-``repeat`` wall time of ``fn()`` in seconds (best-of, not median: the noise is one-sided)."""
-    for _ in range(warmup):
-        fn()
-    best = math.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+time_call = best_of
+digits_loader = digits_batches
 
 
 # ---------------------------------------------------------------------------------------- workloads
-def digits_loader(device, batch_size=256):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32, device=device) / 16.0
-    y = torch.tensor(d.target, device=device)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                                 nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
-
-    def forward(self, x):
-        return self.net(x.view(-1, 1, 8, 8))
-
-
 WORKLOADS = {"mlp": ("digits MLP 64-128-128-10", mlp), "cnn": ("digits CNN 2x conv3x3", SmallCNN)}
 
 
