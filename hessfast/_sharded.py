@@ -25,7 +25,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 GIB = 2.0 ** 30
@@ -235,7 +234,7 @@ class BasisLanczos:
     def __call__(self, q0: torch.Tensor, m: int, *, reorth: str = "full", backend: str = "auto",
                  keep_basis: bool = False, breakdown_tol: Optional[float] = None,
                  step_callback: Optional[Callable] = None, where: str = ""):
-        from .lanczos import LanczosResult, NonFiniteError
+        from .lanczos import TridiagonalRecorder
 
         op, ctx, c, P = self.op, self.ctx, self.chunk, self.op.P
         lo, hi = min(self.rank * c, P), min((self.rank + 1) * c, P)
@@ -250,37 +249,19 @@ class BasisLanczos:
         if Q is None:
             Q = torch.zeros((m + 1, c), dtype=dtype, device=where_q)
         reduce = None if ctx is None else ctx.all_reduce_small
-        eps = torch.finfo(dtype).eps
 
         q_full = q0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(q0)
         Q[0, : hi - lo].copy_(q_full[lo:hi])
-        alpha, beta = [], []
-        anorm, breakdown = 0.0, False
+        rec = TridiagonalRecorder(m, dtype, breakdown_tol, step_callback, where)
         for j in range(m):
             w = self._product_slice(q_full)
             w, coeffs, b = project_out(Q, j + 1, w, tile_rows=self.plan.tile_rows, reduce=reduce)
-            a = float(coeffs[j])
-            if not (np.isfinite(a) and np.isfinite(b)):
-                raise NonFiniteError(f"a curvature-vector product returned NaN or Inf at Lanczos step {j}{where}. "
-                                     "Check the loss at these weights (and the data for NaN), or use "
-                                     "dtype=torch.float64.")
-            alpha.append(a)
-            anorm = max(anorm, abs(a) + b + (beta[-1] if beta else 0.0))
-            if step_callback is not None:
-                step_callback()
-            if j == m - 1:
+            if not rec.step(j, float(coeffs[j]), b):
                 break
-            tol = breakdown_tol if breakdown_tol is not None else 100 * eps * max(anorm, 1e-300)
-            if b <= tol:
-                breakdown = True
-                break
-            beta.append(b)
             w.div_(b)
             Q[j + 1].copy_(w)
             q_full = w if ctx is None else ctx.all_gather_vector(w, P)
-        k = len(alpha)
-        basis = Q[:k] if keep_basis else None
-        return LanczosResult(np.array(alpha), np.array(beta[: k - 1]), basis, breakdown)
+        return rec.result(Q if keep_basis else None)
 
     def meta(self) -> dict:
         return {"shard_basis": self.shard, "basis_device": str(self.plan.where),

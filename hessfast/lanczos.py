@@ -56,6 +56,43 @@ class LanczosResult:
         return theta, S[0] ** 2
 
 
+class TridiagonalRecorder:
+    """The bookkeeping every Lanczos loop shares: alpha/beta, the NaN check and the breakdown test.
+
+    Call :meth:`step` with alpha_j and beta_j = ||w_j|| after each projection; it returns True when
+    the loop goes on with q_{j+1} = w_j / beta_j, False after the last step or on breakdown
+    (beta_j <= breakdown_tol, default 100 eps ||T||: the Krylov space is invariant).
+    """
+
+    def __init__(self, m: int, dtype: torch.dtype, breakdown_tol: Optional[float] = None,
+                 step_callback: Optional[Callable] = None, where: str = ""):
+        self.m, self.eps, self.tol = m, torch.finfo(dtype).eps, breakdown_tol
+        self.step_callback, self.where = step_callback, where
+        self.alpha, self.beta, self.anorm, self.breakdown = [], [], 0.0, False
+
+    def step(self, j: int, a: float, b: float) -> bool:
+        if not (np.isfinite(a) and np.isfinite(b)):
+            raise NonFiniteError(f"a curvature-vector product returned NaN or Inf at Lanczos step {j}{self.where}. "
+                                 "Check the loss at these weights (and the data for NaN), or use dtype=torch.float64.")
+        self.alpha.append(a)
+        self.anorm = max(self.anorm, abs(a) + b + (self.beta[-1] if self.beta else 0.0))
+        if self.step_callback is not None:
+            self.step_callback()
+        if j == self.m - 1:
+            return False
+        tol = self.tol if self.tol is not None else 100 * self.eps * max(self.anorm, 1e-300)
+        if b <= tol:
+            self.breakdown = True
+            return False
+        self.beta.append(b)
+        return True
+
+    def result(self, basis: Optional[torch.Tensor] = None) -> LanczosResult:
+        k = len(self.alpha)
+        return LanczosResult(np.array(self.alpha), np.array(self.beta[: k - 1]),
+                             None if basis is None else basis[:k], self.breakdown)
+
+
 def check_basis_memory(m: int, P: int, dtype: torch.dtype, device: torch.device, block_size: int = 1) -> int:
     """Bytes of the (m + 1) x P basis (block Lanczos: (ceil(m/b) + 1) blocks of b rows); raise
     :class:`BasisMemoryError` if it cannot fit."""
@@ -89,14 +126,10 @@ def lanczos_decomposition(matvec: Callable[[torch.Tensor], torch.Tensor], q0: to
         raise ValueError(f"unknown reorth {reorth!r}; choose 'full' (default) or 'none' (3 vectors of memory, "
                          "ghost eigenvalues appear).")
     P = q0.shape[0]
-    dtype, device = q0.dtype, q0.device
-    eps = torch.finfo(dtype).eps
     full = reorth == "full"
-    Q = torch.empty((m + 1 if full else 2, P), dtype=dtype, device=device)
+    Q = torch.empty((m + 1 if full else 2, P), dtype=q0.dtype, device=q0.device)
     Q[0] = q0 / torch.linalg.vector_norm(q0)
-    alpha, beta = [], []
-    anorm = 0.0
-    breakdown = False
+    rec = TridiagonalRecorder(m, q0.dtype, breakdown_tol, step_callback, where)
     for j in range(m):
         q = Q[j] if full else Q[j % 2]
         w = matvec(q)
@@ -106,28 +139,14 @@ def lanczos_decomposition(matvec: Callable[[torch.Tensor], torch.Tensor], q0: to
             w = w.reshape(P)
         else:
             if j > 0:
-                w = w.sub_(Q[(j - 1) % 2], alpha=beta[-1])
+                w = w.sub_(Q[(j - 1) % 2], alpha=rec.beta[-1])
             a = float(torch.dot(q, w))
             w = w.sub_(q, alpha=a)
             b = float(torch.linalg.vector_norm(w))
-        if not (np.isfinite(a) and np.isfinite(b)):
-            raise NonFiniteError(f"a curvature-vector product returned NaN or Inf at Lanczos step {j}{where}. "
-                                 "Check the loss at these weights (and the data for NaN), or use dtype=torch.float64.")
-        alpha.append(a)
-        anorm = max(anorm, abs(a) + b + (beta[-1] if beta else 0.0))
-        if step_callback is not None:
-            step_callback()
-        if j == m - 1:
+        if not rec.step(j, a, b):
             break
-        tol = breakdown_tol if breakdown_tol is not None else 100 * eps * max(anorm, 1e-300)
-        if b <= tol:
-            breakdown = True
-            break
-        beta.append(b)
         Q[j + 1 if full else (j + 1) % 2] = w.div_(b)
-    k = len(alpha)
-    basis = Q[:k] if (full and keep_basis) else None
-    return LanczosResult(np.array(alpha), np.array(beta[: k - 1]), basis, breakdown)
+    return rec.result(Q if (full and keep_basis) else None)
 
 
 def probe_vectors(num_probes: int, P: int, seed: Optional[int], dtype: torch.dtype, device: torch.device):
