@@ -91,9 +91,8 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
   {
     const int t = omp_get_thread_num();
     const int nth = omp_get_num_threads();
-    // Static split of the columns, aligned to 16 elements.
-    const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
-    const int64_t c0 = std::min<int64_t>(P, t * per), c1 = std::min<int64_t>(P, c0 + per);
+    int64_t c0, c1;
+    column_range(P, t, nth, &c0, &c1);
     double* my = part.data() + size_t(t) * std::max<int64_t>(kb, b);
 
     // Pass 1: h1 = Q W^T.

@@ -46,8 +46,8 @@ void gram(const T* W, int64_t b, int64_t P, double* G, int num_threads) {
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     if (t == 0) nth_used = nth;
-    const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
-    const int64_t c0 = std::min<int64_t>(P, t * per), c1 = std::min<int64_t>(P, c0 + per);
+    int64_t c0, c1;
+    column_range(P, t, nth, &c0, &c1);
     for (int64_t p = c0; p < c1; p += kTile)
       tile_gram<T>(W, b, P, p, std::min(kTile, c1 - p), part.data() + size_t(t) * b * b);
   }
@@ -64,8 +64,8 @@ void apply_small(T* W, int64_t b, int64_t P, const double* M, double* G, int num
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     if (t == 0) nth_used = nth;
-    const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
-    const int64_t c0 = std::min<int64_t>(P, t * per), c1 = std::min<int64_t>(P, c0 + per);
+    int64_t c0, c1;
+    column_range(P, t, nth, &c0, &c1);
     std::vector<T> buf(size_t(b) * kTile);
     for (int64_t p = c0; p < c1; p += kTile) {
       const int64_t n = std::min(kTile, c1 - p);

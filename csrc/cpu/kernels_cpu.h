@@ -2,10 +2,19 @@
 // The Python front (hessfast/kernels) checks shapes, dtypes and contiguity before calling them;
 // csrc/cpu_module.cpp checks them again at the pybind11 boundary.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 namespace hessfast {
 namespace cpu {
+
+// Thread t's share [c0, c1) of P columns under a static split into nth parts aligned to 16
+// elements (whole cache lines and SIMD vectors per thread).
+inline void column_range(int64_t P, int t, int nth, int64_t* c0, int64_t* c1) {
+  const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
+  *c0 = std::min<int64_t>(P, t * per);
+  *c1 = std::min<int64_t>(P, *c0 + per);
+}
 
 // Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D / issue 3, in three passes
 // over Q instead of four.

@@ -24,8 +24,8 @@ void sqhvp(const T* U, int64_t c, int64_t b, int64_t P, const T* V, T* sum_u, do
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     if (t == 0) nth_used = nth;
-    const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
-    const int64_t c0 = std::min<int64_t>(P, t * per), c1 = std::min<int64_t>(P, c0 + per);
+    int64_t c0, c1;
+    column_range(P, t, nth, &c0, &c1);
     double* my = part.data() + size_t(t) * 2 * b;
     for (int64_t r = 0; r < b; ++r)
       for (int64_t p = c0; p < c1; p += kTile) {
