@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _data
-from .operators import _sum_scale
+from .operators import _available_memory, _sum_scale
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
@@ -164,69 +164,179 @@ def _positions(mod: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple:
     return a.reshape(c, -1, a.shape[-1]), g.reshape(c, -1, g.shape[-1])
 
 
-def _weight_sq_norm(blocks: list) -> torch.Tensor:
-    """Squared Frobenius norm of ``sum_b sum_k G_b[:, k] A_b[:, k]^T`` per sample, summed over the samples.
+def _unfold(mod: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    return _positions(mod, a, a[:, :1] if isinstance(mod, nn.Conv2d) else a)[0]
 
-    ``blocks``: pairs ``(A_b (c, K_b, d_in), G_b (c, K_b, d_out))`` (the primal and tangent streams, and
-    the calls of one module). Gram form ``sum_{k,l} (g_k . g_l)(a_k . a_l)`` when the K positions are
-    fewer than ``d_in d_out / (d_in + d_out)``, else the per-sample (d_out, d_in) gradient is formed.
+
+def _out_positions(mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    c = g.shape[0]
+    if isinstance(mod, nn.Conv2d):
+        return g.reshape(c, g.shape[1], -1).transpose(1, 2)
+    return g.reshape(c, -1, g.shape[-1])
+
+
+class _Norms:
+    """``sum_i ||per-sample gradient of the pseudo-loss||^2`` over all supported layers, one probe at a time.
+
+    Built once per chunk from the recorded layer inputs ``a`` (and, for the Hessian, the ordinary
+    backprop gradients ``delta`` at the layer outputs); called with one probe's output gradients ``g``
+    (and input tangents ``a'``). Layer call k contributes ``g_k a_k^T`` (primal stream) and
+    ``delta_k a'_k^T`` (tangent stream); calls of one module (weight sharing) add further blocks. The
+    probe-independent factors (the unfolded patches, and in the Gram form the Gram matrices ``A A^T``
+    and ``Delta Delta^T``) are formed once and reused by every probe; a probe's norms are formed
+    right after its backward pass, while its gradients are still in cache.
+
+    Per module, with K positions in all: Gram form ``sum_{k,l} (g_k . g_l)(a_k . a_l)`` when
+    ``K (d_in + d_out) < d_in d_out``, else the per-sample (d_out, d_in) gradient is formed.
     """
-    K = sum(A.shape[1] for A, _ in blocks)
-    d_in, d_out = blocks[0][0].shape[2], blocks[0][1].shape[2]
-    if K * (d_in + d_out) < d_in * d_out:
-        total = 0.0
-        for i, (A1, G1) in enumerate(blocks):
-            for j, (A2, G2) in enumerate(blocks[: i + 1]):
-                if A1.shape[1] == 1 and A2.shape[1] == 1:  # vectors: no (c, 1, 1) matrix products
-                    term = ((G1 * G2).sum((1, 2)) * (A1 * A2).sum((1, 2))).sum()
-                else:
-                    term = ((G1 @ G2.transpose(1, 2)) * (A1 @ A2.transpose(1, 2))).sum()
-                total = total + (term if i == j else 2 * term)
+
+    def __init__(self, st: _TapState, flags: dict, deltas: Optional[list] = None):
+        self.flags, self.deltas, self.cache = flags, deltas, {}
+        self.mods: dict = {}
+        for k, mod in enumerate(st.modules):
+            e = self.mods.setdefault(id(mod), {"mod": mod, "calls": []})
+            e["calls"].append((k, _unfold(mod, st.inputs[k].detach())))
+
+    def _delta(self, mod, k):
+        key = ("D", k)
+        if key not in self.cache:
+            self.cache[key] = _out_positions(mod, self.deltas[k])
+        return self.cache[key]
+
+    def __call__(self, g: list, tangents: Optional[list] = None) -> torch.Tensor:
+        """float64 scalar for one probe: ``g[k]`` at layer call k (None: no gradient), ``tangents[k]`` its a'."""
+        total = None
+        for mid, e in self.mods.items():
+            mod = e["mod"]
+            has_w, has_b = self.flags[mid]
+            blocks = []          # (A, G, key of A if shared, key of G if shared, primal stream?)
+            for k, A in e["calls"]:
+                if g[k] is None:
+                    continue
+                blocks.append((A, _out_positions(mod, g[k]), ("A", k), None, True))
+                if tangents is not None and tangents[k] is not None and self.deltas[k] is not None:
+                    blocks.append((_unfold(mod, tangents[k]), self._delta(mod, k), None, ("D", k), False))
+            if not blocks:
+                continue
+            t = self._module(blocks, has_w, has_b)
+            total = t if total is None else total + t
+        return torch.zeros((), dtype=torch.float64) if total is None else total
+
+    def _module(self, blocks: list, has_w: bool, has_b: bool) -> torch.Tensor:
+        """Weight (``has_w``) and bias (``has_b``: ``sum_k g_k`` over the primal positions) terms of one module."""
+        K = sum(blk[0].shape[1] for blk in blocks)
+        d_in, d_out = blocks[0][0].shape[2], blocks[0][1].shape[2]
+        total = torch.zeros((), dtype=torch.float64)
+        if has_w and K * (d_in + d_out) >= d_in * d_out:        # per-sample (d_out, d_in) weight gradient
+            M = None
+            for A, G, _, _, _ in blocks:
+                M = G.transpose(1, 2) @ A if M is None else M.baddbmm_(G.transpose(1, 2), A)
+            total = total + M.square().sum().double()
+            has_w = False
+        if not has_w:
+            if has_b:                                            # the bias alone: sum_k g_k directly
+                bias = sum(G.sum(1) for _, G, _, _, primal in blocks if primal)
+                total = total + bias.square().sum().double()
+            return total
+        for i, (A1, G1, ka1, kg1, p1) in enumerate(blocks):     # Gram form; the bias reuses the g . g Grams
+            for j, (A2, G2, ka2, kg2, p2) in enumerate(blocks[: i + 1]):
+                ga = self._gram(G1, G2, kg1, kg2)
+                term = (ga * self._gram(A1, A2, ka1, ka2)).sum()
+                if has_b and p1 and p2:
+                    term = term + ga.sum()
+                total = total + (term if i == j else 2 * term).double()
         return total
-    M = None
-    for A, G in blocks:
-        M = G.transpose(1, 2) @ A if M is None else M.baddbmm_(G.transpose(1, 2), A)
-    return M.square().sum()
+
+    def _gram(self, X, Y, kx, ky) -> torch.Tensor:
+        """Per-sample Gram (c, K_x, K_y) of the positions (or (c,) dot products for vectors); cached when shared."""
+        key = ("G", kx, ky) if kx is not None and ky is not None else None
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        if X.shape[1] == 1 and Y.shape[1] == 1:
+            out = torch.linalg.vector_norm(X[:, 0], dim=1).square() if X is Y else (X[:, 0] * Y[:, 0]).sum(1)
+        else:
+            out = X @ Y.transpose(1, 2)
+        if key is not None:
+            self.cache[key] = out
+        return out
 
 
-def _sum_sq_norms(state: _TapState, flags: dict, g: list, tangents: list, deltas: list) -> torch.Tensor:
-    """sum_i ||per-sample gradient of the pseudo-loss||^2 over all supported layers (float64 scalar).
+# Estimated bytes per ghost-route call on CPU (the estimate of auto_chunk). Measured with
+# bench/bench_variance.py-style timings, one thread: the digits CNN (R = 1 and 4) was fastest at 256-512
+# samples per call (estimates of 64-260 MiB) and 25-30% slower with all 1,797 samples in one call,
+# whose activations no longer stay in cache; the MLP was fastest with all samples in one call.
+CPU_CHUNK_BYTES = 128 * 2 ** 20
 
-    Layer call k contributes ``g[k] a[k]^T`` (primal stream) and, for the Hessian, ``deltas[k] tangents[k]^T``
-    (tangent stream); calls of one module (weight sharing across calls) add further blocks.
+
+def auto_chunk(op, batch, R: int) -> int:
+    """Samples per ghost-route call: the route's tensors in about 1/8 of free memory (<= 1 GiB; on CPU
+    <= ``CPU_CHUNK_BYTES``).
+
+    Loader batches are merged into (or split to) chunks of this size; fewer, larger calls cut the
+    per-call Python and autograd overhead, which dominates on small models. The per-sample memory
+    is estimated from the supported layers' input and output sizes on one sample of ``batch`` (a
+    forward pass without graph): the graph of a double backward holds a few copies of every
+    activation, each probe adds its output gradients and input tangents, convolutions their
+    unfolded patches, and the norms their Gram matrices or per-sample weight gradients.
     """
-    per_mod: dict = {}
-    for k, mod in enumerate(state.modules):
-        if g[k] is None:
-            continue
-        e = per_mod.setdefault(id(mod), {"mod": mod, "blocks": [], "bias": []})
-        A, G = _positions(mod, state.inputs[k].detach(), g[k])
-        e["blocks"].append((A, G))
-        e["bias"].append(G.sum(1))
-        if tangents is not None and tangents[k] is not None and deltas[k] is not None:
-            e["blocks"].append(_positions(mod, tangents[k], deltas[k]))
-    total = torch.zeros((), dtype=torch.float64)
-    for e in per_mod.values():
-        has_w, has_b = flags[id(e["mod"])]
-        if has_w:
-            total += float(_weight_sq_norm(e["blocks"]))
-        if has_b:
-            total += float(sum(e["bias"]).square().sum())
-    return total
+    mods = {id(m) for m, _, _ in _layers(op)}
+    per_sample = [0]
+    hessian = op.curvature == "hessian"
+
+    def hook(mod, args, out):
+        if id(mod) not in mods:
+            return
+        n_in, n_out = args[0].numel(), out.numel()
+        if isinstance(mod, nn.Conv2d):
+            K = out.shape[-2] * out.shape[-1]
+            d_in, d_out = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1], mod.out_channels
+        else:
+            K, d_in, d_out = max(1, n_in // mod.in_features), mod.in_features, mod.out_features
+        K2 = 2 * K if hessian else K
+        norm = (1 + 2 * R) * K2 * K2 if K2 * (d_in + d_out) < d_in * d_out else 2 * d_in * d_out
+        unfold = K * d_in if isinstance(mod, nn.Conv2d) else 0
+        per_sample[0] += (6 + 3 * R) * (n_in + n_out) + (1 + R) * unfold + norm
+
+    inputs, _ = batch
+    one = _data._map_tensors(inputs, lambda t: t[:1])
+    handles = [m.register_forward_hook(hook) for m, _, _ in _layers(op)]
+    try:
+        with torch.no_grad():
+            op._forward(tuple(p.detach() for p in op._params), one)
+    finally:
+        for h in handles:
+            h.remove()
+    itemsize = torch.empty((), dtype=op.dtype).element_size()
+    budget = min(2 ** 30, _available_memory(op.device) // 8)
+    if op.device.type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
+    return max(1, int(budget // max(1, per_sample[0] * itemsize)))
 
 
-def ghost_sums(op, batch, V: torch.Tensor) -> tuple:
+def ghost_sums(op, batch, V: torch.Tensor, batch_probes: bool = False, ggn_forward: Optional[bool] = None) -> tuple:
     """Streamed sums of one batch by the ghost route (no per-sample vector is formed).
 
-    Hessian: one forward pass and one recorded backward pass, then per probe one backward pass of
-    ``v . grad L`` (double backward). GGN: per probe one forward-mode (dual-number) forward pass giving
-    ``u = J v`` and the graph, ``q = H_out u``, and one backward pass of ``sum_i q_i . f_i`` (the
-    double-vjp trick replaces forward mode for operations that have none).
+    Hessian: one forward pass and one recorded backward pass, shared by all probes, then per probe the
+    second backward pass of ``v . grad L`` (or one pass vmapped over the probes: ``batch_probes``).
+    GGN with one probe: a forward-mode (dual-number) forward pass giving ``u = J v`` and the graph,
+    ``q = H_out u``, and one backward pass of ``sum_i q_i . f_i``. GGN with several probes: one forward
+    pass and one recorded backward pass ``J^T w`` shared by all probes, then per probe ``u = J v`` as
+    the reverse of that backward pass (the double-vjp trick), ``q`` and the backward pass of
+    ``sum_i q_i . f_i``. A probe's norms are formed right after its backward pass (:class:`_Norms`),
+    the probe-independent factors once per batch.
 
     Args:
         op: the variance operator (functional model, loss, parameter layout; see hessfast.variance).
         batch: one prepared ``(inputs, targets)`` batch of c samples.
         V: (R, P) unit probes.
+        batch_probes: Hessian only: one backward pass for all probes, vmapped over them
+            (``is_grads_batched``), instead of a loop of backward passes. Off by default: on CPU the
+            loop was measured faster (MLP, R = 4: 35 ms against 51 ms with one thread, 23 against 31
+            with two); not measured on an accelerator, where it may pay.
+        ggn_forward: GGN only: ``u = J v`` by dual numbers (True) or by the double-vjp trick (False);
+            default dual numbers for one probe, the double-vjp trick for several (it shares the forward
+            pass, and its tangents were measured cheaper: MLP, 4 probes, 9.5 ms against 13.3 ms), and
+            always the double-vjp trick after an operation without a forward-mode derivative.
 
     Returns:
         ``(sum_sq (R,) float64, sum_u (R, P), sum_vu (R,) float64)``: ``sum_i ||C_i v_r||^2``,
@@ -237,23 +347,23 @@ def ghost_sums(op, batch, V: torch.Tensor) -> tuple:
         op._ghost_layers = _layers(op)
     layers = op._ghost_layers
     flags = {id(m): (w is not None, b is not None) for m, w, b in layers}
-    sums = (torch.zeros(V.shape[0], dtype=torch.float64), torch.zeros_like(V))
     Vs = op._split(V)
     hessian = op.curvature == "hessian"
     with torch.enable_grad(), _taps(layers, tangent_taps=hessian) as st:
         if hessian:
-            _hessian_double_backward(op, st, batch, Vs, flags, *sums)
+            sum_sq, sum_u = _hessian_double_backward(op, st, batch, Vs, flags, batch_probes)
         else:
             done = False
-            if not getattr(op, "_ghost_double_vjp", False):
+            if ggn_forward is None:
+                ggn_forward = Vs[0].shape[0] == 1
+            if ggn_forward and not getattr(op, "_ghost_double_vjp", False):
                 try:
-                    _ggn_forward_mode(op, st, batch, Vs, flags, *sums)
+                    sum_sq, sum_u = _ggn_forward_mode(op, st, batch, Vs, flags)
                     done = True
                 except RuntimeError:  # an operation without a forward-mode derivative
                     op._ghost_double_vjp = True
             if not done:
-                _ggn_double_vjp(op, st, batch, Vs, flags, *sums)
-    sum_sq, sum_u = sums
+                sum_sq, sum_u = _ggn_double_vjp(op, st, batch, Vs, flags)
     return sum_sq.to(V.device), sum_u, (sum_u * V).sum(1).double()
 
 
@@ -265,8 +375,9 @@ def _reset(st: _TapState) -> None:
     st.modules, st.inputs, st.out_taps, st.in_taps, st.out_grads = [], [], [], [], []
 
 
-def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u) -> None:
+def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, batch_probes: bool) -> tuple:
     inputs, targets = batch
+    R = Vs[0].shape[0]
     _reset(st)
     params = op._leaf_params()
     loss = op.loss_fn(op._forward(params, inputs), targets) * _sum_scale(op.loss_fn, _data.batch_size(batch))
@@ -275,14 +386,27 @@ def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u)
     grads, deltas = first[:n_p], [None if d is None else d.detach() for d in first[n_p:]]   # delta = dl/dz
     t_index = [k for k, t in enumerate(st.in_taps) if t is not None]
     wrt = params + e_taps + tuple(st.in_taps[k] for k in t_index)
-    for r in range(Vs[0].shape[0]):
-        phi = sum((gr * v[r]).sum() for gr, v in zip(grads, Vs) if gr is not None and gr.requires_grad)
-        second = torch.autograd.grad(phi, wrt, retain_graph=True, allow_unused=True)
+    live = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
+    outs = [grads[i] for i in live]
+    sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
+    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
+    if not live:                                                    # the loss is linear in w: C_i = 0
+        return sum_sq, sum_u
+    norms = _Norms(st, flags, deltas)
+    if batch_probes:   # phi_r = v_r . grad L for all r in one backward pass, vmapped over the probes
+        batched = torch.autograd.grad(outs, wrt, [Vs[i] for i in live], allow_unused=True, is_grads_batched=True)
+    for r in range(R):
+        if batch_probes:
+            second = [None if t is None else t[r] for t in batched]
+        else:
+            second = torch.autograd.grad(outs, wrt, [Vs[i][r] for i in live], retain_graph=r < R - 1,
+                                         allow_unused=True)
         tangents = [None] * len(st.modules)                                                 # a' = (da/dw) v
         for j, k in enumerate(t_index):
             tangents[k] = second[n_p + len(e_taps) + j]
         sum_u[r] = _flat(op, second[:n_p], Vs, r)
-        sum_sq[r] = _sum_sq_norms(st, flags, list(second[n_p:n_p + len(e_taps)]), tangents, deltas)
+        sum_sq[r] = norms(list(second[n_p:n_p + len(e_taps)]), tangents)
+    return sum_sq, sum_u
 
 
 def _output_hessian(op, out, targets, scale) -> tuple:
@@ -292,13 +416,16 @@ def _output_hessian(op, out, targets, scale) -> tuple:
     return out_d, g_out
 
 
-def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u) -> None:
+def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags) -> tuple:
     """GGN sums with ``u = J v`` from a dual-number forward pass whose primal carries the autograd graph."""
     import torch.autograd.forward_ad as fwAD
 
     inputs, targets = batch
-    out_d = g_out = None
-    for r in range(Vs[0].shape[0]):
+    R = Vs[0].shape[0]
+    sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
+    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
+    out_d = g_out = norms = None
+    for r in range(R):
         _reset(st)
         params = op._leaf_params()
         with fwAD.dual_level():
@@ -307,16 +434,21 @@ def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u) -> Non
             st.inputs = [fwAD.unpack_dual(a).primal for a in st.inputs]
         if g_out is None:
             out_d, g_out = _output_hessian(op, out, targets, _sum_scale(op.loss_fn, _data.batch_size(batch)))
+            norms = _Norms(st, flags)
         u = torch.zeros_like(out) if u is None else u
-        (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=True)                       # H_out,i u_i
+        (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=r < R - 1)                 # H_out,i u_i
         second = torch.autograd.grad(out, params, q, allow_unused=True)     # hooks fill st.out_grads
         sum_u[r] = _flat(op, second, Vs, r)
-        sum_sq[r] = _sum_sq_norms(st, flags, list(st.out_grads), None, None)
+        sum_sq[r] = norms(list(st.out_grads))
+    return sum_sq, sum_u
 
 
-def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u) -> None:
+def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags) -> tuple:
     """GGN sums with ``u = J v`` by the double-vjp trick (J v = d(J^T w)/dw^T v), reverse mode only."""
     inputs, targets = batch
+    R = Vs[0].shape[0]
+    sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
+    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
     _reset(st)
     params = op._leaf_params()
     out = op._forward(params, inputs)
@@ -324,10 +456,12 @@ def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags, sum_sq, sum_u) -> None:
     dummy = torch.zeros_like(out, requires_grad=True)
     jtu = torch.autograd.grad(out, params, dummy, create_graph=True, allow_unused=True)
     keep = [i for i, t in enumerate(jtu) if t is not None]
-    for r in range(Vs[0].shape[0]):
+    norms = _Norms(st, flags)
+    for r in range(R):
         (u,) = torch.autograd.grad([jtu[i] for i in keep], dummy, [Vs[i][r] for i in keep], retain_graph=True)
         (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=True)                       # H_out,i u_i
         st.out_grads[:] = [None] * len(st.out_grads)
         second = torch.autograd.grad(out, params, q, retain_graph=True, allow_unused=True)  # fills st.out_grads
         sum_u[r] = _flat(op, second, Vs, r)
-        sum_sq[r] = _sum_sq_norms(st, flags, list(st.out_grads), None, None)
+        sum_sq[r] = norms(list(st.out_grads))
+    return sum_sq, sum_u

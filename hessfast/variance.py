@@ -22,9 +22,11 @@ B drawn without replacement; :func:`hessfast.predict` uses it.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -211,6 +213,55 @@ def _chunks(batch, size: int):
         yield _data._map_tensors(inputs, lambda t: t[s:s + size]), targets[s:s + size]
 
 
+def _concat(parts: list):
+    """One batch from a list of batches (same structure), or None where they cannot be concatenated."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0][0]
+    try:
+        if isinstance(first, torch.Tensor):
+            inputs = torch.cat([p[0] for p in parts])
+        elif isinstance(first, Mapping):
+            inputs = {k: torch.cat([p[0][k] for p in parts]) for k in first}
+        else:
+            inputs = type(first)(torch.cat(ts) for ts in zip(*(p[0] for p in parts)))
+        return inputs, torch.cat([p[1] for p in parts])
+    except (RuntimeError, TypeError, KeyError, ValueError):  # shapes, dtypes or structures that differ
+        return None
+
+
+def _rechunk(batches, size: int):
+    """Batches regrouped into chunks of ``size`` samples (the last may be smaller).
+
+    Small loader batches are merged (fewer, larger calls: the per-call Python and autograd overhead
+    is paid once per chunk) and large ones split. Batches that cannot be concatenated (e.g. sequences
+    of different lengths) are passed on as they come, split where larger than ``size``.
+    """
+    buf, count = [], 0
+    for batch in batches:
+        n = _data.batch_size(batch)
+        if buf and count + n > size:
+            merged = _concat(buf)
+            if merged is None:
+                yield from buf
+            else:
+                yield merged
+            buf, count = [], 0
+        for part in _chunks(batch, size):
+            m = _data.batch_size(part)
+            if m == size:
+                yield part
+            else:
+                buf.append(part)
+                count += m
+    if buf:
+        merged = _concat(buf)
+        if merged is None:
+            yield from buf
+        else:
+            yield merged
+
+
 def _select(batch, rows: torch.Tensor):
     inputs, targets = batch
     return _data._map_tensors(inputs, lambda t: t[rows.to(t.device)]), targets[rows.to(targets.device)]
@@ -238,11 +289,25 @@ def _subset_batches(op: _VarianceOperator, max_samples: Optional[int], seed: Opt
     return gen_batches(), max_samples, total
 
 
+# Bytes of per-sample products (c, R, P) per vmap chunk on CPU. Measured on the digits MLP and CNN
+# (bench/bench_variance.py, 1 thread): the route is fastest at 8-20 MiB; at ~100 MiB per chunk it was
+# 2-3x slower (memory traffic and fresh large allocations), which made R = 4 cost ~10x R = 1 with the
+# earlier memory-only rule.
+_CPU_CHUNK_BYTES = 16 * 2 ** 20
+
+
 def _auto_chunk(R: int, P: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Samples per vmap chunk: the (c, R, P) products and their intermediates in about 1/8 of free memory (<= 1 GiB)."""
+    """Samples per vmap chunk.
+
+    Memory bound: the (c, R, P) products and their intermediates in about 1/8 of free memory (<= 1 GiB).
+    On CPU also at most ``_CPU_CHUNK_BYTES`` of products, where the route is fastest.
+    """
     itemsize = torch.empty((), dtype=dtype).element_size()
     budget = min(2 ** 30, _available_memory(device) // 8)
-    return max(1, int(budget // (6 * R * P * itemsize)))
+    chunk = max(1, int(budget // (6 * R * P * itemsize)))
+    if device.type == "cpu":
+        chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // (R * P * itemsize)))
+    return chunk
 
 
 # ---------------------------------------------------------------------------------- public function
@@ -260,10 +325,13 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
       probes), forward-over-reverse (reverse-over-reverse where a loss has no vmap-able rule), summed
       by the squared-HVP accumulation of ``hessfast.kernels``; any model.
     * ``"ghost"``: ``||C_i v||^2`` from per-sample-gradient-norm identities of Linear and Conv2d layers
-      in one backward pass, with no per-sample vector (``hessfast/_ghost.py``, ``docs/variance.md``);
-      every trainable parameter must sit in such a layer. Hessian: a double backward that also yields
-      the layers' forward-mode tangents; GGN: one forward-mode pass for ``u_i = J_i v``, then one
-      backward pass of the pseudo-loss ``sum_i (H_out,i u_i) . f_i``.
+      in one backward pass per probe, with no per-sample vector (``hessfast/_ghost.py``,
+      ``docs/variance.md``); every trainable parameter must sit in such a layer. Hessian: a forward
+      pass and a recorded backward pass shared by the probes, then per probe a second backward pass
+      that also yields the layers' forward-mode tangents; GGN: ``u_i = J_i v`` (dual numbers for one
+      probe, the double-vjp trick on a shared forward pass for several), then per probe one backward
+      pass of the pseudo-loss ``sum_i (H_out,i u_i) . f_i``. Each probe costs about one full-data
+      curvature-vector product.
     * ``"auto"`` (default): ``"ghost"`` where it covers the model, else ``"vmap"``.
     * ``"loop"``: a Python loop of per-sample products (reference and benchmark baseline; slow).
 
@@ -271,11 +339,15 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         model: an ``nn.Module``; never modified.
         data: one ``(inputs, targets)`` batch or an iterable of batches (e.g. a ``DataLoader``).
         curvature: ``"hessian"`` or ``"ggn"``.
-        num_probes: R random unit probes (Gaussian, normalised); ignored when ``probes`` is given.
+        num_probes: R random unit probes (Gaussian, normalised); ignored when ``probes`` is given. The
+            cost grows by about one full-data product per probe; the default 4 gives a standard error
+            with three degrees of freedom (one probe gives none: ``sigma2_stderr`` is NaN).
         probes: explicit probes (R, P); rows are normalised. A full orthonormal basis (R = P) makes the
             probe mean exact.
         route: ``"auto"``, ``"vmap"``, ``"ghost"`` or ``"loop"``.
-        chunk_size: samples per vmap call (``"vmap"`` route); default from free memory.
+        chunk_size: samples per call (every route); loader batches are merged into, or split to,
+            chunks of this size. Default: vmap, the (c, R, P) products in 1/8 of free memory and on CPU
+            <= 16 MiB; ghost, an estimate from the layer sizes (1/8 of free memory, on CPU ~128 MiB).
         max_samples: use a random subset of this many samples, drawn without replacement with ``seed``.
         seed: seeds the probes and the subset.
         loss_fn: ``loss_fn(outputs, targets)``, mean or sum reduction, a sum of per-sample terms;
@@ -313,7 +385,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
     if route == "ghost" and reason is not None:
         raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
     used = route if route != "auto" else ("ghost" if reason is None else "vmap")
-    chunk = chunk_size or _auto_chunk(R, op.P, op.dtype, op.device)
+    chunk = chunk_size or (None if used == "ghost" else _auto_chunk(R, op.P, op.dtype, op.device))
 
     sums = _Sums(V.to(op.dtype), backend)
     Vs = op._split(sums.V)
@@ -322,15 +394,19 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         bar = tqdm(total=n_used if n_used is not None else None, desc=f"hessfast: variance ({op.curvature})",
                    unit="sample", disable=None if progress is None else not progress, leave=False)
         try:
-            for batch in batches:
-                n = _data.batch_size(batch)
+            if chunk is None:  # ghost: from the layer sizes seen on the first batch
+                batches = iter(batches)
+                first = next(batches, None)
+                chunk = _ghost.auto_chunk(op, first, R) if first is not None else 1
+                batches = itertools.chain([] if first is None else [first], batches)
+            for part in _rechunk(batches, chunk):
+                n = _data.batch_size(part)
                 if used == "ghost":
-                    sums.add(*_ghost.ghost_sums(op, batch, sums.V), n)
+                    sums.add(*_ghost.ghost_sums(op, part, sums.V), n)
                 else:
-                    for part in _chunks(batch, chunk):
-                        U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
-                        sums.update(U)
-                        del U
+                    U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
+                    sums.update(U)
+                    del U
                 bar.update(n)
         finally:
             bar.close()
@@ -376,7 +452,7 @@ def _summarise(op, sums: _Sums, n: int, n_total: int, route: str, chunk: int, se
     per_probe = {"mean_sq": mean_sq, "quadratic": quad, "mean_product_sq": hbar_sq, "algorithm1": alg1,
                  "centred": centred, "sigma2": sigma2}
     s2 = float(sigma2.mean())
-    meta = {"route": route, "chunk_size": chunk if route in ("vmap", "loop") else None, "seed": seed,
+    meta = {"route": route, "chunk_size": chunk, "seed": seed,
             "dtype": str(op.dtype).replace("torch.", ""), "device": str(op.device), "bn_mode": op.bn_mode,
             "elapsed": time.perf_counter() - start, "hessfast_version": __version__,
             "torch_version": torch.__version__}
