@@ -13,50 +13,18 @@ Targets: Hessian variance <= 5x one full-data HVP on the MLP; GGN by the ghost r
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import time
 
 import torch
-from torch import nn
 
-import hessfast
+from _common import SmallCNN, best_of, digits_batches, environment, mlp  # noqa: I001 (puts the source tree on sys.path)
+
 from hessfast.operators import CurvatureOperator
 from hessfast.variance import hessian_variance
 
-
-def digits(device, batch_size=256):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32, device=device) / 16.0
-    y = torch.tensor(d.target, device=device)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
-
-
-def mlp():
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-class SmallCNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                                 nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
-
-    def forward(self, x):
-        return self.net(x.view(-1, 1, 8, 8))
-
-
-def best_of(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+digits = digits_batches
 
 
 def interleaved_best(fns: dict, repeat: int) -> dict:
@@ -70,11 +38,8 @@ def interleaved_best(fns: dict, repeat: int) -> dict:
     return best
 
 
-def environment(device) -> dict:
-    return {"date": datetime.date.today().isoformat(), "machine": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "hessfast": hessfast.__version__, "device": str(device),
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
+def bench_environment(device) -> dict:
+    return {**environment(str(device)), "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run(name, model, loader, args) -> list:
@@ -99,7 +64,7 @@ def run(name, model, loader, args) -> list:
         if n > 0:
             for R in probes:
                 t = best_of(lambda: hessian_variance(model, loader, curvature=curvature, num_probes=R, route="loop",
-                                                     max_samples=n, progress=False), 1) * op.N / n
+                                                     max_samples=n, progress=False), 1, warmup=0) * op.N / n
                 rows.append(dict(model=name, curvature=curvature,
                                  what=f"variance, loop, R={R} ({n} samples, x N/{n})", seconds=t, ratio=t / base))
     return rows
@@ -122,7 +87,7 @@ def main():
     rows = []
     for name in args.models.split(","):
         rows += run(name, models[name]().to(device), loader, args)
-    env = environment(device)
+    env = bench_environment(device)
     print(json.dumps(env))
     print(f"{'model':5} {'curv':8} {'what':52} {'seconds':>9} {'x product':>9}")
     for r in rows:
