@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scale setting, e.g. epochs=5")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="the main job on embedded digits data (about a minute on a CPU)",
+    d = sub.add_parser("demo", help="the main job on embedded digits data (well under a minute on a CPU)",
                        description="Train an MLP on scikit-learn's digits, then compute full and batch Hessian/GGN "
                                    "spectra, the Hessian variance, measured vs predicted batch lambda_1 for "
                                    "B in {16,...,256} and recommended SGD/Adam learning rates. Prints a table and "
