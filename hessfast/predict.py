@@ -27,6 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import _data, theory
+from .distributed import _is_empty
+from .distributed import context as _dist_context
 from ._version import __version__
 from .lanczos import lanczos
 from .variance import HessianVariance, _jsonable, hessian_variance
@@ -191,7 +193,7 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
             lr_sgd: Optional[float] = None, lr_adam: Optional[float] = None, loss_fn: Optional[Callable] = None,
             seed: Optional[int] = 0, bn_mode: str = "eval", dtype: Optional[torch.dtype] = None,
             max_samples: Optional[int] = None, variance_route: str = "auto",
-            progress: Optional[bool] = None) -> Prediction:
+            progress: Optional[bool] = None, distributed: Any = None) -> Prediction:
     """Measured batch ``lam_1`` against the Theorem 4 / 7 predictions, and learning rates, for each batch size.
 
     Args:
@@ -212,7 +214,17 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
         dtype: compute dtype; default the model's.
         max_samples: estimate the variance on a random subset of this many samples.
         variance_route: ``route`` of :func:`hessian_variance`.
-        progress: progress bars.
+        progress: progress bars (rank 0 only when distributed).
+        distributed: ``None`` (use the torch.distributed process group when one is initialised), ``True``,
+            ``False`` or a ``ProcessGroup``, as in :func:`hessfast.lanczos`. Each rank's ``data`` is then its
+            shard (any sizes, an empty shard included) and only the shard is gathered into the rank's
+            memory. The variance and the full-data Lanczos are exact means over all ranks' samples; each
+            random batch of size B is drawn, with the same generator on every rank, from the N indices of
+            the concatenation of the shards in rank order (the shard sizes are all-gathered), each rank
+            keeps the drawn indices that fall in its shard (possibly none) and Lanczos runs distributed
+            on that batch. The batches are therefore those of a single process given the concatenated
+            data and the same seed, and every rank returns the same :class:`Prediction`. Every rank must
+            pass the same model and arguments.
 
     Returns:
         :class:`Prediction` (``table()``, ``to_dict()``, ``save(path)``, ``plot(path)``).
@@ -220,7 +232,11 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
     start = time.perf_counter()
     if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}.")
-    common = dict(curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype)
+    ctx = _dist_context(distributed)
+    if ctx is not None and not ctx.is_main:
+        progress = False
+    common = dict(curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype,
+                  distributed=False if ctx is None else ctx)
     var = hessian_variance(model, data, num_probes=num_probes, seed=seed, max_samples=max_samples,
                            route=variance_route, progress=progress, **common)
     P = var.P
@@ -233,7 +249,19 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
         raise ValueError(f"reference_batch must be >= 1, got {reference_batch!r}.")
     lam1, lamP = float(full.lambda_max), float(full.lambda_min)
 
-    x, y = _gather(data)
+    if ctx is None:
+        x, y = _gather(data)
+        offset, n_local = 0, N
+    else:  # this rank's shard, and where it sits among the N samples of all shards (in rank order)
+        local = ctx.guard(lambda: None if _is_empty(data, _data.is_single_batch(data)) else _gather(data),
+                          "gathering its data shard for the random batches")
+        x, y = (None, None) if local is None else local
+        n_local = 0 if y is None else int(y.shape[0])
+        counts = [int(c) for c in ctx.all_gather_small(torch.tensor([float(n_local)], dtype=torch.float64))[:, 0]]
+        if sum(counts) != N:
+            raise ValueError(f"the ranks' shards hold {counts} samples (sum {sum(counts)}) but the curvature "
+                             f"operator counted N = {N}; every pass over a shard must yield the same samples.")
+        offset = sum(counts[:ctx.rank])
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
     measured = {}
     bar = tqdm(total=len(sizes) * num_batches, desc=f"hessfast: batch lambda_1 ({curvature})", unit="batch",
@@ -243,7 +271,12 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
             vals = []
             for j in range(num_batches):
                 idx = torch.randperm(N, generator=gen)[:B]
-                batch = (_data._map_tensors(x, lambda t: t[idx.to(t.device)]), y[idx.to(y.device)])
+                if ctx is not None:  # the drawn samples in this rank's shard, in the order drawn
+                    idx = idx[(idx >= offset) & (idx < offset + n_local)] - offset
+                if len(idx) == 0:  # none here: an empty shard of this batch (distributed only)
+                    batch = []
+                else:
+                    batch = (_data._map_tensors(x, lambda t: t[idx.to(t.device)]), y[idx.to(y.device)])
                 spec = lanczos(model, batch, min(steps, P), num_probes=1, progress=False,
                                seed=None if seed is None else int(seed) + 1 + j, **common)
                 vals.append(float(spec.lambda_max))
@@ -278,6 +311,7 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
     meta = {"m": steps, "num_batches": int(num_batches), "num_probes": int(num_probes), "seed": seed,
             "bn_mode": bn_mode, "elapsed": time.perf_counter() - start, "hessfast_version": __version__,
             "torch_version": torch.__version__, "variance_route": var.meta.get("route"),
+            "world_size": 1 if ctx is None else ctx.world_size,
             "sigma2_normalisation": "1/(n-1) (sigma2_unbiased of hessian_variance)"}
     return Prediction(curvature=curvature, P=P, N=N, lam_max=lam1, lam_min=lamP, sigma2=s2,
                       sigma2_theorem7=s2_t7, critical_batch=crit, reference_batch=ref, lr_sgd=lr_s, lr_adam=lr_a,

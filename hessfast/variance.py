@@ -36,6 +36,8 @@ from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from . import _data, _ghost
+from .distributed import _is_empty, all_reduce_state
+from .distributed import context as _dist_context
 from ._guard import curvature_mode
 from ._version import __version__
 from .lanczos import probe_vectors
@@ -274,19 +276,24 @@ def _subset_batches(op: _VarianceOperator, max_samples: Optional[int], seed: Opt
     total = sum(_data.batch_size(b) for b in _data.iter_batches(op._data))
     if max_samples >= total:
         return op._batches(), total, total
+    return _kept_batches(op, _subset_rows(total, max_samples, seed)), max_samples, total
+
+
+def _subset_rows(total: int, max_samples: int, seed: Optional[int]) -> torch.Tensor:
+    """Sorted indices of the seeded subset of ``max_samples`` of ``total`` samples (without replacement)."""
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
-    keep = torch.randperm(total, generator=gen)[:max_samples].sort().values
+    return torch.randperm(total, generator=gen)[:max_samples].sort().values
 
-    def gen_batches():
-        start = 0
-        for batch in op._batches():
-            n = _data.batch_size(batch)
-            lo, hi = torch.searchsorted(keep, torch.tensor([start, start + n]))
-            if hi > lo:
-                yield _select(batch, keep[lo:hi] - start)
-            start += n
 
-    return gen_batches(), max_samples, total
+def _kept_batches(op: _VarianceOperator, keep: torch.Tensor):
+    """The prepared batches of ``op``'s data restricted to the sorted sample indices ``keep``."""
+    start = 0
+    for batch in op._batches():
+        n = _data.batch_size(batch)
+        lo, hi = torch.searchsorted(keep, torch.tensor([start, start + n]))
+        if hi > lo:
+            yield _select(batch, keep[lo:hi] - start)
+        start += n
 
 
 # Bytes of per-sample products (c, R, P) per vmap chunk on CPU. Measured on the digits MLP and CNN
@@ -315,7 +322,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
                      probes: Optional[torch.Tensor] = None, route: str = "auto", chunk_size: Optional[int] = None,
                      max_samples: Optional[int] = None, seed: Optional[int] = 0, loss_fn: Optional[Callable] = None,
                      bn_mode: str = "eval", dtype: Optional[torch.dtype] = None, backend: str = "auto",
-                     progress: Optional[bool] = None) -> HessianVariance:
+                     progress: Optional[bool] = None, distributed: Any = None) -> HessianVariance:
     """Variance of the per-sample Hessian (or GGN) over the data: Algorithm 1 (Section 8.2), fixed and centred.
 
     For every sample i and probe v the product ``C_i v`` enters streamed sums over the samples
@@ -358,7 +365,16 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         dtype: compute dtype (e.g. ``torch.float64``); default the model's.
         backend: implementation of the streamed accumulation (vmap and loop routes): ``"auto"``,
             ``"torch"`` (pure-PyTorch reference), ``"cpu"``, ``"cuda"``, ``"triton"`` (``hessfast.kernels``).
-        progress: tqdm bar over the samples; default on in a terminal.
+        progress: tqdm bar over the samples; default on in a terminal (rank 0 only when distributed).
+        distributed: ``None`` (use the torch.distributed process group when one is initialised), ``True``,
+            ``False`` or a ``ProcessGroup``, as in :func:`hessfast.lanczos`. Each rank's ``data`` is then its
+            shard (any sizes, an empty shard included); the streamed sums are all-reduced, so every rank
+            returns the same result, equal (up to the order of floating-point additions) to a single
+            process on the concatenation of the shards in rank order. Every rank must pass the same
+            model, arguments and seed (with ``seed=None`` rank 0 draws the probe seed); ``max_samples``
+            draws the single-process subset of that concatenation (the shard sizes are gathered first).
+            Automatic chunk sizes are the smallest over the ranks. ``meta`` gains ``world_size`` and
+            ``rank_samples`` (samples used per rank).
 
     Returns:
         :class:`HessianVariance`.
@@ -376,47 +392,141 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    ctx = _dist_context(distributed)
+    # distributed=False: the operator builds nothing (N is counted while streaming); ctx does the collectives
     op = _VarianceOperator(model, data, curvature=curvature, loss_fn=loss_fn,
                            bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype, hvp_mode="forward",
-                           cache_graph=False)
-    V = _probes(op, num_probes, probes, seed)
+                           cache_graph=False, distributed=False)
+    V = _probes(op, num_probes, probes, seed if ctx is None else ctx.common_seed(seed))
     R = V.shape[0]
     reason = _ghost.unsupported_reason(op)
     if route == "ghost" and reason is not None:
         raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
     used = route if route != "auto" else ("ghost" if reason is None else "vmap")
-    chunk = chunk_size or (None if used == "ghost" else _auto_chunk(R, op.P, op.dtype, op.device))
+    chunk = chunk_size or (None if used == "ghost" or ctx is not None else _auto_chunk(R, op.P, op.dtype, op.device))
 
     sums = _Sums(V.to(op.dtype), backend)
     Vs = op._split(sums.V)
+    desc = f"hessfast: variance ({op.curvature})"
+    hide = None if progress is None else not progress
     with curvature_mode(op.model, op.bn_mode):
-        batches, n_used, n_total = _subset_batches(op, max_samples, seed)
-        bar = tqdm(total=n_used if n_used is not None else None, desc=f"hessfast: variance ({op.curvature})",
-                   unit="sample", disable=None if progress is None else not progress, leave=False)
-        try:
+        if ctx is None:
+            batches, n_used, n_total = _subset_batches(op, max_samples, seed)
             if chunk is None:  # ghost: from the layer sizes seen on the first batch
                 batches = iter(batches)
                 first = next(batches, None)
                 chunk = _ghost.auto_chunk(op, first, R) if first is not None else 1
                 batches = itertools.chain([] if first is None else [first], batches)
-            for part in _rechunk(batches, chunk):
-                n = _data.batch_size(part)
-                if used == "ghost":
-                    sums.add(*_ghost.ghost_sums(op, part, sums.V), n)
-                else:
-                    U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
-                    sums.update(U)
-                    del U
-                bar.update(n)
-        finally:
-            bar.close()
+            _stream(op, sums, Vs, batches, chunk, used, n_used, desc, hide)
+            dist_meta = {}
+        else:
+            batches, n_used, n_total, chunk, bar_total, dist_meta = _shard_plan(
+                op, ctx, sums.V, max_samples, seed, chunk, used, R)
+            ctx.guard(lambda: _stream(op, sums, Vs, batches, chunk, used, bar_total, desc,
+                                      True if not ctx.is_main else hide),
+                      "streaming its samples for the Hessian variance")
+            dist_meta["rank_samples"] = [int(c) for c in ctx.all_gather_small(
+                torch.tensor([float(sums.acc.count)], dtype=torch.float64))[:, 0].tolist()]
+            all_reduce_state(sums.acc, ctx)
+            if sums.acc.count == 0:
+                raise ValueError(f"every rank's data shard is empty (world size {ctx.world_size}); "
+                                 "there are no samples to average over.")
     n = sums.acc.count
     if n_total is None:
         n_total = n
     if not all(torch.isfinite(t).all() for t in (sums.acc.sum_sq, sums.acc.sum_vu, sums.acc.sum_u)):
         raise FloatingPointError("a per-sample curvature product returned NaN or Inf; check the loss and the data "
                                  "at these weights, or use dtype=torch.float64.")
-    return _summarise(op, sums, n, n_total, used, chunk, seed, start)
+    res = _summarise(op, sums, n, n_total, used, chunk, seed, start)
+    res.meta["world_size"] = 1 if ctx is None else ctx.world_size
+    res.meta.update(dist_meta)
+    return res
+
+
+def _stream(op, sums: _Sums, Vs: tuple, batches, chunk: int, used: str, total: Optional[int], desc: str,
+            hide: Optional[bool]) -> None:
+    """Add every sample of ``batches`` (regrouped into chunks of ``chunk``) to ``sums``."""
+    bar = tqdm(total=total, desc=desc, unit="sample", disable=hide, leave=False)
+    try:
+        for part in _rechunk(batches, chunk):
+            n = _data.batch_size(part)
+            if used == "ghost":
+                sums.add(*_ghost.ghost_sums(op, part, sums.V), n)
+            else:
+                U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
+                sums.update(U)
+                del U
+            bar.update(n)
+    finally:
+        bar.close()
+
+
+def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Optional[int], chunk: Optional[int],
+                used: str, R: int):
+    """This rank's part of a distributed variance run, agreed with the other ranks.
+
+    Every rank reads its shard (guarded: a failure stops all ranks), then one all-gather of a few
+    numbers per rank checks that the ranks hold the same model and probes, gives the shard sizes
+    (for ``max_samples``: the global offset of this rank's shard) and makes the automatic chunk size
+    the smallest over the ranks, so every rank reports the same result.
+
+    Returns (batches, samples used or None, samples in the data or None, chunk, local bar total, meta).
+    """
+    state = {}
+
+    def local():
+        empty = _is_empty(op._data, op._single)
+        state["empty"] = empty
+        n_local = 0
+        if max_samples is not None and not empty:
+            n_local = sum(_data.batch_size(b) for b in _data.iter_batches(op._data))
+        local_chunk = chunk
+        if local_chunk is None and used == "ghost" and not empty:
+            it = op._batches()
+            first = next(it)
+            local_chunk = _ghost.auto_chunk(op, first, R)
+            if max_samples is None:  # reuse the batch already read
+                state["batches"] = itertools.chain([first], it)
+        elif local_chunk is None and used != "ghost":
+            local_chunk = _auto_chunk(R, op.P, op.dtype, op.device)
+        return n_local, local_chunk
+
+    n_local, local_chunk = ctx.guard(local, "reading its data shard for the Hessian variance")
+    w = op.parameter_vector().double()
+    Vd = V.double()
+    mix = torch.linspace(-1.0, 1.0, Vd.shape[1], dtype=torch.float64, device=Vd.device)
+    mine = torch.tensor([float(n_local), float(op.P), float(w.sum()), float(w.square().sum()), float(Vd.sum()),
+                         float((Vd * mix).sum()), float(local_chunk or 0), float(state["empty"])],
+                        dtype=torch.float64)
+    rows = ctx.all_gather_small(mine)
+    if len(set(rows[:, 1].tolist())) != 1:
+        raise ValueError(f"the ranks' models have different numbers of trainable parameters "
+                         f"{[int(p) for p in rows[:, 1].tolist()]}; every rank must hold the same model.")
+    for cols, what in (((2, 4), "the model's weights (sum and sum of squares of the parameters)"),
+                       ((4, 6), "the probes (pass the same probes, or the same seed, on every rank)")):
+        got = rows[:, cols[0]:cols[1]]
+        close = [torch.allclose(got[r], got[0], rtol=1e-9, atol=1e-12) for r in range(ctx.world_size)]
+        if not all(close):
+            bad = [r for r, ok in enumerate(close) if not ok]
+            raise ValueError(f"{what} on rank(s) {bad} differ from rank 0's; every rank must use the same model "
+                             "weights and probes (load the same checkpoint or broadcast from rank 0).")
+    if bool(rows[:, 7].all()):
+        raise ValueError(f"every rank's data shard is empty (world size {ctx.world_size}); "
+                         "there are no samples to average over.")
+    if chunk is None:  # the smallest automatic chunk of the ranks that have data
+        chunks = [int(c) for c, e in zip(rows[:, 6].tolist(), rows[:, 7].tolist()) if not e and c > 0]
+        chunk = min(chunks) if chunks else 1
+    if max_samples is None:
+        batches = iter(()) if state["empty"] else (state.get("batches") or op._batches())
+        return batches, None, None, chunk, None, {}
+    counts = [int(c) for c in rows[:, 0].tolist()]
+    total, offset = sum(counts), sum(counts[:ctx.rank])
+    if max_samples >= total:
+        return iter(()) if state["empty"] else op._batches(), total, total, chunk, n_local, {}
+    keep = _subset_rows(total, max_samples, seed)  # the single-process subset of the concatenated shards
+    mine_rows = keep[(keep >= offset) & (keep < offset + n_local)] - offset
+    batches = _kept_batches(op, mine_rows) if len(mine_rows) else iter(())
+    return batches, max_samples, total, chunk, len(mine_rows), {}
 
 
 def _probes(op, num_probes, probes, seed) -> torch.Tensor:

@@ -133,6 +133,7 @@ def _worker(rank, world, port, outdir):
             out[stage] = None
         except Exception as exc:  # noqa: BLE001
             out[stage] = (type(exc).__name__, str(exc), time.perf_counter() - start)
+    _variance_and_predict_checks(rank, world, case, data, out)  # (defined below)
     # the group still works after the propagated errors
     hd.context().guard(lambda: None, "a final check")
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
@@ -328,3 +329,107 @@ def test_shard_helpers_and_single_process_context():
     case = cases.mlp_case()
     with pytest.raises(ValueError, match="empty"):  # single process: an empty loader is still an error
         hessfast.HessianOperator(case.model, [])
+
+
+# ------------------------------------------------------------------------------ hessian_variance and predict
+VAR_KW = dict(num_probes=3, seed=SEED, progress=False)
+PRED_KW = dict(batch_sizes=[2, 16], num_batches=3, m=10, num_probes=2, seed=SEED, progress=False)
+
+
+def _variance_and_predict_checks(rank, world, case, data, out):
+    """Run in the spawned worker (the same spawn as the Lanczos checks)."""
+    for curvature in ("hessian", "ggn"):
+        for route in ("ghost", "vmap"):
+            res = hessfast.hessian_variance(case.model, data, curvature=curvature, route=route, **VAR_KW)
+            out[f"var/{curvature}/{route}"] = (res.per_probe, res.N, res.N_total, res.meta)
+    # an uneven chunk size splits and merges the shard's batches: same result
+    res = hessfast.hessian_variance(case.model, data, route="vmap", chunk_size=5, **VAR_KW)
+    out["var/chunk5"] = res.per_probe
+    # shard_tensors with fewer samples than ranks: an empty single batch is an empty shard
+    res = hessfast.hessian_variance(case.model, hd.shard_tensors(case.x[:2], case.y[:2]), **VAR_KW)
+    out["var/tiny"] = (res.per_probe, res.N)
+    # max_samples: the single-process subset of the concatenated shards
+    res = hessfast.hessian_variance(case.model, data, max_samples=11, **VAR_KW)
+    out["var/max_samples"] = (res.per_probe, res.N, res.N_total)
+    # seed=None: rank 0 draws the probe seed, every rank has the same result
+    res = hessfast.hessian_variance(case.model, data, num_probes=1, seed=None, progress=False)
+    out["var/noseed"] = hd.context().all_gather_small(torch.as_tensor(res.per_probe["centred"]))
+    # a rank whose loader raises inside the streaming loop stops every rank
+    flaky = FlakyLoader(data, ok=0 if rank == world - 1 else 10 ** 6)
+    start = time.perf_counter()
+    try:
+        hessfast.hessian_variance(case.model, flaky, route="vmap", **VAR_KW)
+        out["fail_variance"] = None
+    except Exception as exc:  # noqa: BLE001
+        out["fail_variance"] = (type(exc).__name__, str(exc), time.perf_counter() - start)
+    for curvature in ("hessian", "ggn"):
+        pred = hessfast.predict(case.model, data, curvature=curvature, **PRED_KW)
+        out[f"pred/{curvature}"] = (pred.rows, pred.lam_max, pred.sigma2, pred.N, pred.meta["world_size"])
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+@pytest.mark.parametrize("route", ["ghost", "vmap"])
+def test_variance_equals_single_process_on_every_rank(ranks, curvature, route):
+    world, outs = ranks
+    case = cases.mlp_case(n=40)
+    ref = hessfast.hessian_variance(case.model, case.loader([7, 18, 15]), curvature=curvature, route=route,
+                                    **VAR_KW)
+    for rank, out in enumerate(outs):
+        per_probe, n, n_total, meta = out[f"var/{curvature}/{route}"]
+        assert (n, n_total) == (40, 40) and meta["world_size"] == world and meta["route"] == route
+        assert meta["rank_samples"] == [sum(b - a for a, b in s) for s in SHARDS[world]]
+        for key, want in ref.per_probe.items():
+            np.testing.assert_allclose(per_probe[key], want, rtol=1e-10, atol=1e-10 * np.abs(want).max(),
+                                       err_msg=f"rank {rank}: {key}")
+            np.testing.assert_array_equal(per_probe[key], outs[0][f"var/{curvature}/{route}"][0][key])
+        if route == "vmap" and curvature == "hessian":
+            np.testing.assert_allclose(out["var/chunk5"]["centred"], ref.per_probe["centred"], rtol=1e-10)
+
+
+def test_variance_max_samples_tiny_shards_and_seed_none(ranks):
+    _, outs = ranks
+    case = cases.mlp_case(n=40)
+    tiny = hessfast.hessian_variance(case.model, (case.x[:2], case.y[:2]), **VAR_KW)
+    for out in outs:
+        per_probe, n = out["var/tiny"]
+        assert n == 2
+        np.testing.assert_allclose(per_probe["centred"], tiny.per_probe["centred"], rtol=1e-10)
+    ref = hessfast.hessian_variance(case.model, case.loader([16, 16, 8]), max_samples=11, **VAR_KW)
+    for out in outs:
+        per_probe, n, n_total = out["var/max_samples"]
+        assert (n, n_total) == (11, 40)
+        np.testing.assert_allclose(per_probe["centred"], ref.per_probe["centred"], rtol=1e-10)
+    gathered = outs[0]["var/noseed"]
+    assert torch.equal(gathered, gathered[:1].expand_as(gathered))
+
+
+def test_a_raising_rank_stops_the_variance_on_all_ranks(ranks):
+    world, outs = ranks
+    for rank, out in enumerate(outs):
+        assert out["fail_variance"] is not None, f"rank {rank} did not fail"
+        name, msg, seconds = out["fail_variance"]
+        assert seconds < 10, f"rank {rank} took {seconds:.1f} s to fail"
+        if rank == world - 1:
+            assert name == "RuntimeError" and "disk read failed" in msg
+        else:
+            assert name == "RankFailedError" and f"rank {world - 1} of {world} failed" in msg
+            assert "disk read failed" in msg and "Hessian variance" in msg
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_predict_equals_single_process_on_every_rank(ranks, curvature):
+    world, outs = ranks
+    case = cases.mlp_case(n=40)
+    ref = hessfast.predict(case.model, case.batch, curvature=curvature, **PRED_KW)
+    for rank, out in enumerate(outs):
+        rows, lam_max, sigma2, n, ws = out[f"pred/{curvature}"]
+        assert n == 40 and ws == world
+        assert rows == outs[0][f"pred/{curvature}"][0], f"rank {rank} returned other rows than rank 0"
+        np.testing.assert_allclose(lam_max, ref.lam_max, rtol=1e-10)
+        np.testing.assert_allclose(sigma2, ref.sigma2, rtol=1e-10)
+        assert [r["B"] for r in rows] == [r["B"] for r in ref.rows]
+        for got, want in zip(rows, ref.rows):
+            for key in ("batch_values", "batch_mean", "theorem4", "max_lr", "sgd_lr", "adam_lr"):
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-10, err_msg=f"rank {rank}, B={got['B']}: {key}")
+            if curvature == "ggn":
+                np.testing.assert_allclose(got["theorem7"], want["theorem7"], rtol=1e-10)
