@@ -140,6 +140,8 @@ class Prediction:
         if self.rows and self.rows[0]["theorem7"] is not None:
             ax.plot(B, [r["theorem7"] for r in self.rows], "^--", label="Theorem 7")
         ax.set_xscale("log")
+        ax.set_xticks(B, [str(int(b)) for b in B])  # the measured batch sizes, not 10^k sub-ticks
+        ax.minorticks_off()
         ax.set_xlabel("batch size B")
         ax.set_ylabel(r"$\lambda_1$")
         ax.set_title(title or f"{self.curvature}: batch vs full top eigenvalue (P={self.P:,}, N={self.N:,})")
