@@ -12,6 +12,7 @@ from . import theory
 from .theory import scale_lr
 from .variance import HessianVariance, hessian_variance
 from .predict import Prediction, predict
+from .tuner import CurvatureTuner
 
 
 def backends() -> dict:
@@ -24,5 +25,5 @@ def backends() -> dict:
 __all__ = [
     "__version__", "lanczos", "lanczos_decomposition", "LanczosResult", "Spectrum", "Degeneracy",
     "CurvatureOperator", "HessianOperator", "GGNOperator", "NonFiniteError", "BasisMemoryError", "backends",
-    "theory", "scale_lr", "hessian_variance", "HessianVariance", "predict", "Prediction",
+    "theory", "scale_lr", "hessian_variance", "HessianVariance", "predict", "Prediction", "CurvatureTuner",
 ]
