@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "kernels_cpu.h"
@@ -21,15 +22,31 @@ namespace hessfast {
 namespace cpu {
 namespace {
 
-// Columns per tile: the k x tile block of Q must stay in L2 between the two uses of pass 2,
-// and the b x tile block of W in L1/L2.
-int64_t tile_columns(int64_t k, int64_t b, size_t elem) {
+constexpr int kGroup = 8;  // rows of Q per sweep of a W tile: W is loaded once for 8 rows
+
+long l2_bytes() {
   static const long l2 = [] {
     long s = sysconf(_SC_LEVEL2_CACHE_SIZE);
     return s > (1 << 18) ? s : (1 << 20);
   }();
-  int64_t t = (l2 / 2) / (int64_t(std::max<int64_t>(k + b, 1)) * int64_t(elem));
+  return l2;
+}
+
+// Columns per tile of pass 2: the k x tile block of Q must stay in L2 between the update and the
+// dots.  An eighth of L2 (320 columns at k = 100 in float64) measured best at P = 1e6, k = 100: a
+// quarter was 1-3% and a half 4-7% slower in total (the block is partly evicted before its reuse).
+int64_t tile_columns_fused(int64_t k, int64_t b, size_t elem) {
+  int64_t t = (l2_bytes() / 8) / (int64_t(std::max<int64_t>(k + b, 1)) * int64_t(elem));
   t = std::min<int64_t>(std::max<int64_t>(t, 64), 2048);
+  return t & ~int64_t(15);
+}
+
+// Columns per tile of the streaming passes 1 and 3: long row segments (up to 128 KiB) keep the
+// hardware prefetchers streaming; the kGroup x tile block of Q and the b x tile block of W stay
+// within half of L2 so that b > 1 re-reads the rows of Q from cache.
+int64_t tile_columns_stream(int64_t b, size_t elem) {
+  int64_t t = (l2_bytes() / 2) / ((kGroup + b) * int64_t(elem));
+  t = std::min<int64_t>(std::max<int64_t>(t, 256), int64_t(128 * 1024) / int64_t(elem));
   return t & ~int64_t(15);
 }
 
@@ -38,16 +55,20 @@ template <typename T>
 void tile_dots(const T* Q, int64_t ldq, int64_t k, const T* W, int64_t b, int64_t P, int64_t p0,
                int64_t n, double* acc) {
   int64_t j = 0;
-  for (; j + 4 <= k; j += 4) {
-    const T* q = Q + j * ldq + p0;
+  auto group = [&](auto gtag) {
+    constexpr int g = decltype(gtag)::value;
+    const T* q[g];
+    for (int i = 0; i < g; ++i) q[i] = Q + (j + i) * ldq + p0;
     for (int64_t r = 0; r < b; ++r) {
-      double o[4] = {0, 0, 0, 0};
-      dot4<T>(q, q + ldq, q + 2 * ldq, q + 3 * ldq, W + r * P + p0, n, o);
-      for (int i = 0; i < 4; ++i) acc[(j + i) * b + r] += o[i];
+      double o[g] = {};
+      dot_rows<T, g>(q, W + r * P + p0, n, o);
+      for (int i = 0; i < g; ++i) acc[(j + i) * b + r] += o[i];
     }
-  }
-  for (; j < k; ++j)
-    for (int64_t r = 0; r < b; ++r) acc[j * b + r] += dot1<T>(Q + j * ldq + p0, W + r * P + p0, n);
+    j += g;
+  };
+  while (j + kGroup <= k) group(std::integral_constant<int, kGroup>());
+  while (j + 4 <= k) group(std::integral_constant<int, 4>());
+  while (j < k) group(std::integral_constant<int, 1>());
 }
 
 // W[r, p0:p0+n] -= sum_j h[j * b + r] Q[j, p0:p0+n]
@@ -55,14 +76,20 @@ template <typename T>
 void tile_update(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, int64_t p0,
                  int64_t n, const T* h) {
   int64_t j = 0;
-  for (; j + 4 <= k; j += 4) {
-    const T* q = Q + j * ldq + p0;
-    for (int64_t r = 0; r < b; ++r)
-      axpy4<T>(W + r * P + p0, q, q + ldq, q + 2 * ldq, q + 3 * ldq, h[j * b + r],
-               h[(j + 1) * b + r], h[(j + 2) * b + r], h[(j + 3) * b + r], n);
-  }
-  for (; j < k; ++j)
-    for (int64_t r = 0; r < b; ++r) axpy1<T>(W + r * P + p0, Q + j * ldq + p0, h[j * b + r], n);
+  auto group = [&](auto gtag) {
+    constexpr int g = decltype(gtag)::value;
+    const T* q[g];
+    for (int i = 0; i < g; ++i) q[i] = Q + (j + i) * ldq + p0;
+    for (int64_t r = 0; r < b; ++r) {
+      T c[g];
+      for (int i = 0; i < g; ++i) c[i] = h[(j + i) * b + r];
+      axpy_rows<T, g>(W + r * P + p0, q, c, n);
+    }
+    j += g;
+  };
+  while (j + kGroup <= k) group(std::integral_constant<int, kGroup>());
+  while (j + 4 <= k) group(std::integral_constant<int, 4>());
+  while (j < k) group(std::integral_constant<int, 1>());
 }
 
 }  // namespace
@@ -70,19 +97,21 @@ void tile_update(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P,
 template <typename T>
 void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
           int num_threads) {
-  const int64_t tile = tile_columns(k, b, sizeof(T));
+  const int64_t tile2 = tile_columns_fused(k, b, sizeof(T));
+  const int64_t tile = tile_columns_stream(b, sizeof(T));
   // Small problems are not worth waking threads for.
   int nt = (k + 1) * b * P < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
   nt = int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
   const int64_t kb = k * b;
-  std::vector<double> part(size_t(nt) * size_t(std::max<int64_t>(kb, b)));
+  const int64_t stride = ((std::max<int64_t>(kb, b) + 7) / 8 + 1) * 8;  // own cache lines
+  std::vector<double> part(size_t(nt) * size_t(stride));
   std::vector<double> h1(kb), h2(kb), ns(b);
   std::vector<T> h1t(kb), h2t(kb);
 
   auto reduce = [&](std::vector<double>& out, int64_t len, int nth) {
     for (int64_t i = 0; i < len; ++i) {
       double s = 0;
-      for (int t = 0; t < nth; ++t) s += part[size_t(t) * std::max<int64_t>(kb, b) + i];
+      for (int t = 0; t < nth; ++t) s += part[size_t(t) * stride + i];
       out[i] = s;
     }
   };
@@ -93,7 +122,7 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     const int nth = omp_get_num_threads();
     int64_t c0, c1;
     column_range(P, t, nth, &c0, &c1);
-    double* my = part.data() + size_t(t) * std::max<int64_t>(kb, b);
+    double* my = part.data() + size_t(t) * stride;
 
     // Pass 1: h1 = Q W^T.
     std::fill(my, my + kb, 0.0);
@@ -107,8 +136,8 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     }
     // Pass 2: W1 = W - h1^T Q and h2 = Q W1^T, tile by tile.
     std::fill(my, my + kb, 0.0);
-    for (int64_t p = c0; p < c1; p += tile) {
-      const int64_t n = std::min(tile, c1 - p);
+    for (int64_t p = c0; p < c1; p += tile2) {
+      const int64_t n = std::min(tile2, c1 - p);
       tile_update<T>(Q, ldq, k, W, b, P, p, n, h1t.data());
       tile_dots<T>(Q, ldq, k, W, b, P, p, n, my);
     }

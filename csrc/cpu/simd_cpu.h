@@ -82,5 +82,82 @@ HF_CLONES void sqhvp_tile(const T* __restrict u, const T* __restrict v, T* __res
   *vu += c;
 }
 
+
+// ---- Cache-line micro-kernels of the fused CGS2 ------------------------------------------------
+// One iteration handles one 64-byte line of each of G rows of Q through GCC vector types (one zmm
+// with AVX-512, two ymm with AVX2, four xmm otherwise); W is loaded once per line for all G rows.
+// Accumulation is in T, in 64/sizeof(T) lanes per row, reduced once at the end of the tile.
+// (Software prefetch of the next rows or the next tile was measured and made things slower.)
+template <typename T>
+struct Line;
+template <>
+struct Line<double> {
+  typedef double v __attribute__((vector_size(64)));
+};
+template <>
+struct Line<float> {
+  typedef float v __attribute__((vector_size(64)));
+};
+#define HF_LOAD(x, p) __builtin_memcpy(&(x), (p), 64)
+#define HF_STORE(p, x) __builtin_memcpy((p), &(x), 64)
+
+// out[i] += q[i][0:n] . w[0:n], i < G.
+template <typename T, int G>
+HF_CLONES void dot_rows(const T* const* __restrict q, const T* __restrict w, int64_t n,
+                        double* out) {
+  typedef typename Line<T>::v V;
+  constexpr int L = 64 / sizeof(T);
+  V acc[G];
+  const T* qq[G];
+  for (int i = 0; i < G; ++i) acc[i] = V{}, qq[i] = q[i];
+  int64_t p = 0;
+  for (; p + L <= n; p += L) {
+    V x;
+    HF_LOAD(x, w + p);
+    for (int i = 0; i < G; ++i) {
+      V y;
+      HF_LOAD(y, qq[i] + p);
+      acc[i] += y * x;
+    }
+  }
+  for (int i = 0; i < G; ++i) {
+    T s = 0;
+    for (int l = 0; l < L; ++l) s += acc[i][l];
+    for (int64_t e = p; e < n; ++e) s += qq[i][e] * w[e];
+    out[i] += s;
+  }
+}
+
+// w[0:n] -= sum_i c[i] q[i][0:n], i < G.
+template <typename T, int G>
+HF_CLONES void axpy_rows(T* __restrict w, const T* const* __restrict q, const T* __restrict c,
+                         int64_t n) {
+  typedef typename Line<T>::v V;
+  constexpr int L = 64 / sizeof(T);
+  const T* qq[G];
+  T cc[G];
+  for (int i = 0; i < G; ++i) qq[i] = q[i], cc[i] = c[i];
+  int64_t p = 0;
+  for (; p + L <= n; p += L) {
+    V s, y, x;
+    HF_LOAD(y, qq[0] + p);
+    s = cc[0] * y;
+    for (int i = 1; i < G; ++i) {
+      HF_LOAD(y, qq[i] + p);
+      s += cc[i] * y;
+    }
+    HF_LOAD(x, w + p);
+    x -= s;
+    HF_STORE(w + p, x);
+  }
+  for (; p < n; ++p) {
+    T s = cc[0] * qq[0][p];
+    for (int i = 1; i < G; ++i) s += cc[i] * qq[i][p];
+    w[p] -= s;
+  }
+}
+#undef HF_LOAD
+#undef HF_STORE
+
 }  // namespace cpu
 }  // namespace hessfast
