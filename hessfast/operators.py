@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -122,7 +123,7 @@ class CurvatureOperator:
         self._frozen.update({n: cast(b) if b.is_floating_point() else b for n, b in model.named_buffers()})
 
         self._single = _data.is_single_batch(data)
-        if not self._single and iter(data) is data:
+        if not self._single and isinstance(data, Iterator):
             data = list(data)  # a one-shot iterator: keep its batches so every product sees the same data
         self._data = data
         self._cache = None

@@ -158,6 +158,8 @@ def test_bad_inputs_raise_clear_errors():
         hessfast.HessianOperator(case.model, [("text", case.y)])
     with pytest.raises(TypeError, match="data must be"):
         hessfast.HessianOperator(case.model, case.x)
+    with pytest.raises(TypeError, match="data must be"):
+        hessfast.HessianOperator(case.model, 5)
     with pytest.raises(ValueError, match="unknown curvature"):
         hessfast.CurvatureOperator(case.model, case.batch, curvature="fisher")
     with pytest.raises(ValueError, match="unknown bn_mode"):
