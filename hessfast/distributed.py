@@ -278,6 +278,29 @@ class DistContext:
         dist.all_reduce(t, group=self.group)
         return int(t)
 
+    def check_agreement(self, rows: torch.Tensor, P_col: int, same: dict, empty_col: int) -> None:
+        """Raise the same clear ValueError on every rank unless the ranks agree.
+
+        ``rows`` (world_size, k) are all-gathered per-rank numbers: column ``P_col`` the parameter
+        count, each ``same`` entry ``(lo, hi): what`` a fingerprint (e.g. sum and sum of squares of the
+        weights) that must match rank 0's, and ``empty_col`` 1 where the rank's shard is empty (not all
+        may be).
+        """
+        if len(set(rows[:, P_col].tolist())) != 1:
+            raise ValueError(f"the ranks' models have different numbers of trainable parameters "
+                             f"{[int(p) for p in rows[:, P_col].tolist()]}; every rank must hold the same model.")
+        for (lo, hi), what in same.items():
+            close = [torch.allclose(rows[r, lo:hi], rows[0, lo:hi], rtol=1e-9, atol=1e-12)
+                     for r in range(self.world_size)]
+            if not all(close):
+                bad = [r for r, ok in enumerate(close) if not ok]
+                raise ValueError(f"{what} on rank(s) {bad} differ from rank 0's; every rank must use the same model "
+                                 "weights and probes (load the same checkpoint, or broadcast from rank 0) before "
+                                 "computing curvature.")
+        if bool(rows[:, empty_col].all()):
+            raise ValueError(f"every rank's data shard is empty (world size {self.world_size}); "
+                             "there are no samples to average over.")
+
     # ------------------------------------------------------------------ operator construction
     def build_operator(self, op, cache_graph, hvp_mode: str) -> None:
         """Build ``op`` on this rank's shard, then make ``op.N`` the total over ranks.
@@ -302,18 +325,8 @@ class DistContext:
                             dtype=torch.float64, device=w.device)
         rows = self.all_gather_small(mine)
         counts = [int(c) for c in rows[:, 0].tolist()]
-        if len(set(rows[:, 1].tolist())) != 1:
-            raise ValueError(f"the ranks' models have different numbers of trainable parameters "
-                             f"{[int(p) for p in rows[:, 1].tolist()]}; every rank must hold the same model.")
-        ref = rows[0, 2:4]
-        if not torch.allclose(rows[:, 2:4], ref.expand_as(rows[:, 2:4]), rtol=1e-9, atol=1e-12):
-            bad = [r for r in range(self.world_size) if not torch.allclose(rows[r, 2:4], ref, rtol=1e-9, atol=1e-12)]
-            raise ValueError(f"the model's weights on rank(s) {bad} differ from rank 0's (sum and sum of squares "
-                             "of the parameters); load the same checkpoint, or broadcast the weights from rank 0, "
-                             "before computing curvature.")
-        if bool(rows[:, 4].all()):  # (subclasses that count samples later may leave N = 0 here)
-            raise ValueError(f"every rank's data shard is empty (world size {self.world_size}); "
-                             "there are no samples to average over.")
+        self.check_agreement(rows, P_col=1, same={(2, 4): "the model's weights (sum and sum of squares of the "
+                                                            "parameters)"}, empty_col=4)
         op.N_local, op.N, op.rank_counts = op.N, sum(counts), counts
 
 

@@ -499,20 +499,9 @@ def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Opti
                          float((Vd * mix).sum()), float(local_chunk or 0), float(state["empty"])],
                         dtype=torch.float64)
     rows = ctx.all_gather_small(mine)
-    if len(set(rows[:, 1].tolist())) != 1:
-        raise ValueError(f"the ranks' models have different numbers of trainable parameters "
-                         f"{[int(p) for p in rows[:, 1].tolist()]}; every rank must hold the same model.")
-    for cols, what in (((2, 4), "the model's weights (sum and sum of squares of the parameters)"),
-                       ((4, 6), "the probes (pass the same probes, or the same seed, on every rank)")):
-        got = rows[:, cols[0]:cols[1]]
-        close = [torch.allclose(got[r], got[0], rtol=1e-9, atol=1e-12) for r in range(ctx.world_size)]
-        if not all(close):
-            bad = [r for r, ok in enumerate(close) if not ok]
-            raise ValueError(f"{what} on rank(s) {bad} differ from rank 0's; every rank must use the same model "
-                             "weights and probes (load the same checkpoint or broadcast from rank 0).")
-    if bool(rows[:, 7].all()):
-        raise ValueError(f"every rank's data shard is empty (world size {ctx.world_size}); "
-                         "there are no samples to average over.")
+    ctx.check_agreement(rows, P_col=1, empty_col=7, same={
+        (2, 4): "the model's weights (sum and sum of squares of the parameters)",
+        (4, 6): "the probes (pass the same probes, or the same seed, on every rank)"})
     if chunk is None:  # the smallest automatic chunk of the ranks that have data
         chunks = [int(c) for c, e in zip(rows[:, 6].tolist(), rows[:, 7].tolist()) if not e and c > 0]
         chunk = min(chunks) if chunks else 1

@@ -433,3 +433,26 @@ def test_predict_equals_single_process_on_every_rank(ranks, curvature):
                 np.testing.assert_allclose(got[key], want[key], rtol=1e-10, err_msg=f"rank {rank}, B={got['B']}: {key}")
             if curvature == "ggn":
                 np.testing.assert_allclose(got["theorem7"], want["theorem7"], rtol=1e-10)
+
+
+def test_rank_agreement_checks_name_the_disagreeing_ranks():
+    from types import SimpleNamespace
+
+    from hessfast.distributed import DistContext
+
+    ctx = SimpleNamespace(world_size=3)
+    ok = torch.tensor([[10.0, 5.0, 1.0, 2.0, 0.0], [7.0, 5.0, 1.0, 2.0, 1.0], [3.0, 5.0, 1.0, 2.0, 0.0]])
+    same = {(2, 4): "the model's weights"}
+    DistContext.check_agreement(ctx, ok, P_col=1, same=same, empty_col=4)
+    bad_p = ok.clone()
+    bad_p[2, 1] = 6.0
+    with pytest.raises(ValueError, match="different numbers of trainable parameters"):
+        DistContext.check_agreement(ctx, bad_p, P_col=1, same=same, empty_col=4)
+    bad_w = ok.clone()
+    bad_w[1, 3] = 2.5
+    with pytest.raises(ValueError, match=r"the model's weights on rank\(s\) \[1\] differ"):
+        DistContext.check_agreement(ctx, bad_w, P_col=1, same=same, empty_col=4)
+    empty = ok.clone()
+    empty[:, 4] = 1.0
+    with pytest.raises(ValueError, match="every rank's data shard is empty"):
+        DistContext.check_agreement(ctx, empty, P_col=1, same=same, empty_col=4)
