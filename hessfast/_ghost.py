@@ -416,6 +416,14 @@ def _output_hessian(op, out, targets, scale) -> tuple:
     return out_d, g_out
 
 
+def _ggn_probe(op, st: _TapState, out, params, out_d, g_out, u, norms, Vs, r: int, retain: bool) -> tuple:
+    """One probe's (sum_i G_i v (P,), sum_i ||G_i v||^2) from u = J v: q = H_out u, then J^T q with the
+    layer hooks recording what the ghost norms need."""
+    (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=retain)                          # H_out,i u_i
+    second = torch.autograd.grad(out, params, q, retain_graph=retain, allow_unused=True)   # fills st.out_grads
+    return _flat(op, second, Vs, r), norms(list(st.out_grads))
+
+
 def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags) -> tuple:
     """GGN sums with ``u = J v`` from a dual-number forward pass whose primal carries the autograd graph."""
     import torch.autograd.forward_ad as fwAD
@@ -436,10 +444,7 @@ def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags) -> tuple:
             out_d, g_out = _output_hessian(op, out, targets, _sum_scale(op.loss_fn, _data.batch_size(batch)))
             norms = _Norms(st, flags)
         u = torch.zeros_like(out) if u is None else u
-        (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=r < R - 1)                 # H_out,i u_i
-        second = torch.autograd.grad(out, params, q, allow_unused=True)     # hooks fill st.out_grads
-        sum_u[r] = _flat(op, second, Vs, r)
-        sum_sq[r] = norms(list(st.out_grads))
+        sum_u[r], sum_sq[r] = _ggn_probe(op, st, out, params, out_d, g_out, u, norms, Vs, r, retain=r < R - 1)
     return sum_sq, sum_u
 
 
@@ -459,9 +464,6 @@ def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags) -> tuple:
     norms = _Norms(st, flags)
     for r in range(R):
         (u,) = torch.autograd.grad([jtu[i] for i in keep], dummy, [Vs[i][r] for i in keep], retain_graph=True)
-        (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=True)                       # H_out,i u_i
         st.out_grads[:] = [None] * len(st.out_grads)
-        second = torch.autograd.grad(out, params, q, retain_graph=True, allow_unused=True)  # fills st.out_grads
-        sum_u[r] = _flat(op, second, Vs, r)
-        sum_sq[r] = norms(list(st.out_grads))
+        sum_u[r], sum_sq[r] = _ggn_probe(op, st, out, params, out_d, g_out, u, norms, Vs, r, retain=True)
     return sum_sq, sum_u

@@ -115,6 +115,11 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
       out[i] = s;
     }
   };
+  // The coefficients of a pass, summed over the threads and cast for the next pass's update.
+  auto reduce_cast = [&](std::vector<double>& out, std::vector<T>& cast, int nth) {
+    reduce(out, kb, nth);
+    for (int64_t i = 0; i < kb; ++i) cast[i] = T(out[i]);
+  };
 
 #pragma omp parallel num_threads(nt)
   {
@@ -130,10 +135,7 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
       tile_dots<T>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
 #pragma omp barrier
 #pragma omp single
-    {
-      reduce(h1, kb, nth);
-      for (int64_t i = 0; i < kb; ++i) h1t[i] = T(h1[i]);
-    }
+    reduce_cast(h1, h1t, nth);
     // Pass 2: W1 = W - h1^T Q and h2 = Q W1^T, tile by tile.
     std::fill(my, my + kb, 0.0);
     for (int64_t p = c0; p < c1; p += tile2) {
@@ -143,10 +145,7 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     }
 #pragma omp barrier
 #pragma omp single
-    {
-      reduce(h2, kb, nth);
-      for (int64_t i = 0; i < kb; ++i) h2t[i] = T(h2[i]);
-    }
+    reduce_cast(h2, h2t, nth);
     // Pass 3: W2 = W1 - h2^T Q and the row norms.
     std::fill(my, my + b, 0.0);
     for (int64_t p = c0; p < c1; p += tile) {
