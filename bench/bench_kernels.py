@@ -2,11 +2,14 @@
 
     python bench/bench_kernels.py                       # CPU: P in {1e5, 1e6}, k in {10, 50, 100}, b in {1, 8}
     python bench/bench_kernels.py --device cuda --P 1e6 1.5e7 --save bench/RESULTS.md
+    python bench/bench_kernels.py --only bf16 --P 1e6 --k 100   # float32 blocks: bfloat16 vs float32 basis
 
 GB/s counts the compulsory traffic of the algorithm for every backend (CGS2: 4 passes over Q_k for
 the reference formulation, i.e. the bytes the user's problem needs read by a 4-pass method; the
 "eff" column uses the kernel's own pass count (3) so it is the achieved bandwidth).  On CUDA a
-plain device copy of the same size gives the bandwidth ceiling ("copy GB/s").
+plain device copy of the same size gives the bandwidth ceiling ("copy GB/s").  The "bf16" section
+runs float32 blocks against a float32 and a bfloat16 copy of the same basis, per backend, and counts
+the bfloat16 basis's own bytes (half) for its bandwidth.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     ap.add_argument("--backends", nargs="+", default=None, help="default: all usable on the device but torch")
     ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--only", nargs="+", default=["cgs2", "orth", "sqhvp"])
+    ap.add_argument("--only", nargs="+", default=["cgs2", "orth", "sqhvp"],
+                    choices=["cgs2", "orth", "sqhvp", "bf16"])
     ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads; default: torch's")
     ap.add_argument("--save", default=None, help="append the tables to this markdown file")
     args = ap.parse_args(argv)
@@ -79,6 +83,29 @@ def main(argv=None):
                         row["copy_GBs"] = copy_bw
                     rec.add(**row)
             del Q
+        tables.append(rec)
+
+    if "bf16" in args.only:
+        rec = Recorder(f"Fused CGS2 with a bfloat16 basis (float32 blocks, {args.device})", args.device)
+        for P in map(int, args.P):
+            Q32 = torch.randn(max(args.k) + 1, P, device=dev)
+            Q16 = Q32.bfloat16()
+            for k in args.k:
+                for b in args.b:
+                    W = torch.randn(b, P, device=dev)
+                    outs = (torch.empty(b, k, device=dev), torch.empty(b, device=dev))
+                    t_ref = timeit(lambda: CGS2_IMPLS["torch"](Q32, k, W, *outs), args.repeat, sync=sync)
+                    row = dict(P=P, k=k, b=b, ref_f32_ms=1e3 * t_ref)
+                    for name in args.backends:
+                        t32 = timeit(lambda: CGS2_IMPLS[name](Q32, k, W, *outs), args.repeat, sync=sync)
+                        t16 = timeit(lambda: CGS2_IMPLS[name](Q16, k, W, *outs), args.repeat, sync=sync)
+                        row.update({f"{name}_f32_ms": 1e3 * t32, f"{name}_bf16_ms": 1e3 * t16,
+                                    f"{name}_bf16_vs_f32": t32 / t16, f"{name}_bf16_vs_ref": t_ref / t16,
+                                    f"{name}_bf16_eff_GBs": 3 * k * P * 2 / t16 / 1e9})
+                        if copy_bw:
+                            row[f"{name}_bf16_of_copy"] = (3 * k * P * 2 / t16 / 1e9) / copy_bw
+                    rec.add(**row)
+            del Q32, Q16
         tables.append(rec)
 
     if "orth" in args.only:

@@ -3,7 +3,9 @@
 Same operator, probe and m for each backend; the products are identical, so the difference is the
 reorthogonalisation (fused CGS2, 3 passes over the basis, against 4 in the reference). Workloads: the
 digits MLP 64-128-128-10 (P = 26,122, full data) and a wide MLP 64-1024-1024-10 (P = 1,125,386, one
-batch of 256), where the basis is large and reorthogonalisation weighs more.
+batch of 256), where the basis is large and reorthogonalisation weighs more.  The "cpu_bf16" column
+runs the compiled backend with ``basis_dtype=torch.bfloat16`` (half the basis memory) and reports its
+lambda_max against the float32-basis run.
 
     OMP_NUM_THREADS=1 python bench/bench_lanczos_backends.py [--threads 1] [--m 100] [--save bench/RESULTS.md]
 """
@@ -42,6 +44,12 @@ def main():
             row["speedup_cpu_vs_torch"] = times["torch"] / times["cpu"]
             row["rel_diff_lambda_max"] = abs(specs["cpu"].lambda_max - specs["torch"].lambda_max) / abs(
                 specs["torch"].lambda_max)
+            bf16 = lambda: hessfast.lanczos(op, m=args.m, seed=0, backend="cpu", progress=False,  # noqa: E731
+                                            basis_dtype=torch.bfloat16)
+            row["cpu_bf16_s"] = best_of(bf16, args.repeat)
+            row["speedup_bf16_vs_cpu"] = times["cpu"] / row["cpu_bf16_s"]
+            row["bf16_rel_diff_lambda_max"] = abs(bf16().lambda_max - specs["cpu"].lambda_max) / abs(
+                specs["cpu"].lambda_max)
         rec.add(**row)
     print(rec.table())
     if args.save:

@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh [results-file]      (default: bench/gpu_check_results.md)
 # 1. builds hessfast offline with the CUDA module forced on, for this GPU's architecture only;
 # 2. runs the kernel tests (CUDA and Triton cases join because a GPU is present);
-# 3. runs the kernel benchmarks on the GPU (P = 1e6 and 1.5e7, the paper's VGG-16 size) and on the CPU.
+# 3. runs the kernel benchmarks on the GPU (P = 1e6 and 1.5e7, the paper's VGG-16 size; float32 and a
+#    bfloat16 basis, against a plain device copy's bandwidth) and on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/gpu_check_results.md}"
@@ -31,7 +32,7 @@ RUN env TRITON_INTERPRET=0 timeout 180 "$PY" -m pytest -q -x -p no:cacheprovider
 
 echo -e "\n## benchmarks" >> "$OUT"
 RUN timeout 150 "$PY" "$PWD/bench/bench_kernels.py" --device cuda --P 1e6 1.5e7 --k 10 100 --b 1 8 \
-    --dtype float32 --repeat 5 --save "$PWD/$OUT" > /tmp/hessfast_bench_gpu.log 2>&1 || \
+    --dtype float32 --repeat 5 --only cgs2 orth sqhvp bf16 --save "$PWD/$OUT" > /tmp/hessfast_bench_gpu.log 2>&1 || \
     { echo "GPU bench failed:"; tail -20 /tmp/hessfast_bench_gpu.log; } >> "$OUT"
 RUN timeout 60 "$PY" "$PWD/bench/bench_kernels.py" --device cpu --P 1e6 --k 100 --b 1 --only cgs2 \
     --repeat 3 --save "$PWD/$OUT" > /tmp/hessfast_bench_cpu.log 2>&1 || \

@@ -60,23 +60,28 @@ bool is_f64(const std::string& fn, const py::array& a, const std::string& name) 
 }
 
 // ---- CGS2 -----------------------------------------------------------------------------------
+// Q is float32 or float64 like W, or (with a float32 W) a bfloat16 basis passed as its raw 16-bit
+// words (an int16/uint16 view: numpy has no bfloat16).
 void cgs2(py::array Q, int64_t k, py::array W, py::array coeffs, py::array norms, int nt) {
   const std::string fn = "cgs2";
-  const bool f64 = is_f64(fn, Q, "Q");
-  const auto dt = Q.dtype();
-  if (Q.ndim() != 2) fail(fn, "Q", "a 2-D (m+1, P) array with unit column stride", Q);
+  const bool f64 = is_f64(fn, W, "W");
+  const auto dt = W.dtype();
+  const bool q_bf16 = Q.dtype().is(py::dtype::of<int16_t>()) || Q.dtype().is(py::dtype::of<uint16_t>());
+  const std::string q_want = "a 2-D (m+1, P) array with unit column stride, of W's dtype " + dtype_str(W) +
+                             (f64 ? "" : " or bfloat16 words (int16/uint16)");
+  if (Q.ndim() != 2 || (q_bf16 && f64)) fail(fn, "Q", q_want, Q);
   const int64_t P = Q.shape(1);
   if (k < 0 || k > Q.shape(0))
     throw py::value_error("hessfast._kernels_cpu.cgs2: k=" + std::to_string(k) +
                           " must lie in [0, Q.shape[0]=" + std::to_string(Q.shape(0)) + "]");
-  check(fn, "Q", Q, {-1, P}, dt, false, false, "a 2-D (m+1, P) array with unit column stride");
+  check(fn, "Q", Q, {-1, P}, q_bf16 ? Q.dtype() : dt, false, false, q_want);
   check(fn, "W", W, {-1, P}, dt, true, true,
-        "a writable C-contiguous (b, " + std::to_string(P) + ") array of Q's dtype " + dtype_str(Q));
+        "a writable C-contiguous (b, " + std::to_string(P) + ") float32 or float64 array");
   const int64_t b = W.shape(0);
   check(fn, "coeffs", coeffs, {b, k}, dt, true, true,
-        "a writable C-contiguous (" + std::to_string(b) + ", " + std::to_string(k) + ") array of dtype " + dtype_str(Q));
+        "a writable C-contiguous (" + std::to_string(b) + ", " + std::to_string(k) + ") array of dtype " + dtype_str(W));
   check(fn, "norms", norms, {b}, dt, true, true,
-        "a writable (" + std::to_string(b) + ",) array of dtype " + dtype_str(Q));
+        "a writable (" + std::to_string(b) + ",) array of dtype " + dtype_str(W));
   const int64_t ldq = Q.strides(0) / Q.itemsize();
   py::gil_scoped_release nogil;
   if (f64)
@@ -84,6 +89,11 @@ void cgs2(py::array Q, int64_t k, py::array W, py::array coeffs, py::array norms
                      static_cast<double*>(W.mutable_data()), b, P,
                      static_cast<double*>(coeffs.mutable_data()),
                      static_cast<double*>(norms.mutable_data()), nt);
+  else if (q_bf16)
+    hc::cgs2<float, hc::bf16>(static_cast<const hc::bf16*>(Q.data()), ldq, k,
+                              static_cast<float*>(W.mutable_data()), b, P,
+                              static_cast<float*>(coeffs.mutable_data()),
+                              static_cast<float*>(norms.mutable_data()), nt);
   else
     hc::cgs2<float>(static_cast<const float*>(Q.data()), ldq, k,
                     static_cast<float*>(W.mutable_data()), b, P,

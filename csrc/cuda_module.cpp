@@ -1,7 +1,7 @@
 // pybind11 front of hessfast._kernels_cuda (compiled by the host compiler, linked with the nvcc
 // objects of csrc/cuda/ and static cudart).  Tensors arrive as raw device pointers
 // (tensor.data_ptr()) and the stream as an integer (torch.cuda.current_stream().cuda_stream);
-// hessfast/kernels/ops.py checks shapes, dtypes, devices and contiguity before calling, and sets
+// hessfast/kernels/ checks shapes, dtypes, devices and contiguity before calling, and sets
 // the current device to the tensors' device.
 #include <cuda_runtime_api.h>
 #include <pybind11/pybind11.h>
@@ -57,23 +57,33 @@ PYBIND11_MODULE(_kernels_cuda, m) {
     check(cudaGetDeviceCount(&n), "device_count");
     return n;
   });
-  m.def("workspace", [](int64_t k, int64_t b, int64_t P, int itemsize) {
-    need_itemsize(itemsize, "workspace");
-    return plan_for(k, b, P, itemsize).work;
-  }, py::arg("k"), py::arg("b"), py::arg("P"), py::arg("itemsize"),
-     "Elements of workspace cgs2 / gram need on the current device.");
-  m.def("cgs2", [](int itemsize, uintptr_t Q, int64_t ldq, int64_t k, uintptr_t W, int64_t b, int64_t P,
-                   uintptr_t coeffs, uintptr_t norms, uintptr_t work, uintptr_t s) {
+  m.def("workspace", [](int64_t k, int64_t b, int64_t P, int q_itemsize) {
+    if (q_itemsize != 2) need_itemsize(q_itemsize, "workspace");
+    return plan_for(k, b, P, q_itemsize).work;
+  }, py::arg("k"), py::arg("b"), py::arg("P"), py::arg("q_itemsize"),
+     "Elements (of the block's dtype) of workspace cgs2 / gram need on the current device; q_itemsize is "
+     "the basis element size (2 for a bfloat16 basis).");
+  m.def("cgs2", [](int itemsize, int q_itemsize, uintptr_t Q, int64_t ldq, int64_t k, uintptr_t W, int64_t b,
+                   int64_t P, uintptr_t coeffs, uintptr_t norms, uintptr_t work, uintptr_t s) {
     need_itemsize(itemsize, "cgs2");
-    const hc::Plan plan = plan_for(k, b, P, itemsize);
+    if (q_itemsize != itemsize && !(q_itemsize == 2 && itemsize == 4))
+      throw py::value_error("hessfast._kernels_cuda.cgs2: the basis must have the block's dtype, or be bfloat16 "
+                            "(q_itemsize 2) with a float32 block; got itemsizes " + std::to_string(q_itemsize) +
+                            " and " + std::to_string(itemsize));
+    const hc::Plan plan = plan_for(k, b, P, q_itemsize);
     py::gil_scoped_release nogil;
-    if (itemsize == 8)
+    if (q_itemsize == 2)
+      check(hc::cgs2<float, __nv_bfloat16>(ptr<const __nv_bfloat16>(Q), ldq, k, ptr<float>(W), b, P,
+                                           ptr<float>(coeffs), ptr<float>(norms), ptr<float>(work), plan,
+                                           stream(s)), "cgs2");
+    else if (itemsize == 8)
       check(hc::cgs2<double>(ptr<const double>(Q), ldq, k, ptr<double>(W), b, P, ptr<double>(coeffs),
                              ptr<double>(norms), ptr<double>(work), plan, stream(s)), "cgs2");
     else
       check(hc::cgs2<float>(ptr<const float>(Q), ldq, k, ptr<float>(W), b, P, ptr<float>(coeffs),
                             ptr<float>(norms), ptr<float>(work), plan, stream(s)), "cgs2");
-  }, "Fused CGS2 on raw pointers: Q (k rows, stride ldq), W (b, P) in place, coeffs (b, k), norms (b,).");
+  }, "Fused CGS2 on raw pointers: Q (k rows, stride ldq; the block's dtype or bfloat16), W (b, P) in "
+     "place, coeffs (b, k), norms (b,).");
   m.def("gram", [](int itemsize, uintptr_t W, int64_t b, int64_t P, uintptr_t G, uintptr_t work, uintptr_t s) {
     need_itemsize(itemsize, "gram");
     const hc::Plan plan = plan_for(b, b, P, itemsize);

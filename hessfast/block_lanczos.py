@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .kernels import orthonormalize, reorthogonalize
+from .lanczos import check_basis_dtype
 
 __all__ = ["block_lanczos", "block_lanczos_spectrum"]
 
@@ -75,7 +76,7 @@ def _orthonormal_block(Q, k, W, tol, gen, backend):
 
 def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tensor, m: int, *,
                   reorth: str = "full", backend: str = "auto", progress: Optional[Callable[[int], None]] = None,
-                  seed: Optional[int] = 0):
+                  seed: Optional[int] = 0, basis_dtype: Optional[torch.dtype] = None):
     """Block Lanczos on a symmetric operator from the b probes V0.
 
     Args:
@@ -87,6 +88,9 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tens
         backend: kernel backend for the projections and QRs (see hessfast.kernels.resolve_backend).
         progress: called with b after each block step (e.g. ``tqdm.update``).
         seed: seeds the random vectors that replace deflated rows.
+        basis_dtype: dtype of the stored basis (default V0's); ``torch.bfloat16`` with float32 V0 and
+            reorth="full" halves its memory (see :func:`hessfast.lanczos`).  Each block is rounded
+            once when stored, and the rounded block is the one ``matmat`` multiplies.
 
     Returns:
         (ritz (M,) float64 ascending, weights (b, M) float64 with rows summing to 1, info dict with
@@ -108,7 +112,8 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tens
     gen = torch.Generator().manual_seed(int(seed) if seed is not None else 0)
     full = reorth == "full"
     rows = s * b if full else 3 * b
-    Q = torch.zeros(rows, P, dtype=dtype, device=device)
+    qdtype = check_basis_dtype(basis_dtype, dtype, reorth)
+    Q = torch.zeros(rows, P, dtype=qdtype, device=device)
 
     V = V0.detach()
     tol0 = 100 * eps * float(torch.linalg.vector_norm(V, dim=1).max())
@@ -118,7 +123,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tens
     anorm, deflated, breakdown = 0.0, 0, False
     for j in range(s):
         lo = (j * b) if full else (j % 3) * b
-        Qj = Q[lo:lo + b]
+        Qj = Q[lo:lo + b] if qdtype == dtype else Q[lo:lo + b].to(dtype)
         W = matmat(Qj)
         _check_block(fn, "matmat(X)", W, b, P, dtype, device)
         W = W.detach()
@@ -166,7 +171,7 @@ def block_lanczos(matmat: Callable[[torch.Tensor], torch.Tensor], V0: torch.Tens
 
 
 def block_lanczos_spectrum(matmat, probes: torch.Tensor, m: int, block_size: int, *, reorth: str = "full",
-                           backend: str = "auto", bar=None):
+                           backend: str = "auto", bar=None, basis_dtype: Optional[torch.dtype] = None):
     """Run the probes (num_probes, P) in blocks of ``block_size`` (the last block may be smaller).
 
     Returns ritz (num_probes, M) and weights (num_probes, M) float64 (M = the largest Ritz count of
@@ -178,7 +183,8 @@ def block_lanczos_spectrum(matmat, probes: torch.Tensor, m: int, block_size: int
     for start in range(0, num, block_size):
         V = probes[start:start + block_size]
         upd = (lambda n, b=V.shape[0]: bar.update(n * b)) if bar is not None else None
-        theta, w, info = block_lanczos(matmat, V, m, reorth=reorth, backend=backend, progress=upd, seed=start)
+        theta, w, info = block_lanczos(matmat, V, m, reorth=reorth, backend=backend, progress=upd, seed=start,
+                                       basis_dtype=basis_dtype)
         results.append((theta, w, info))
     M = max(len(t) for t, _, _ in results)
     ritz = np.full((num, M), np.nan)

@@ -170,7 +170,7 @@ def cmd_spectrum(args) -> int:
         loader = [(xb.to(device), yb.to(device)) for xb, yb in BatchLoader(x, y, 1024, shuffle=False)]
         spec = hessfast.lanczos(model, loader, m=args.m, curvature=args.curvature, num_probes=args.probes,
                                 seed=args.seed, bn_mode=args.bn_mode, dtype=torch.float64 if args.float64 else None,
-                                progress=not args.quiet)
+                                basis_dtype=torch.bfloat16 if args.bf16_basis else None, progress=not args.quiet)
         if hdist.is_main():
             out = _out(args)
             stem = out / f"spectrum_{args.curvature}_{tag}"
@@ -290,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                    help="spectrum of one random batch of B samples (the batch Hessian); default: all training data")
     s.add_argument("--bn-mode", choices=["eval", "train"], default="eval", help="batch norm mode (Appendix E)")
-    s.add_argument("--float64", action="store_true", help="compute in float64")
+    prec = s.add_mutually_exclusive_group()
+    prec.add_argument("--float64", action="store_true", help="compute in float64")
+    prec.add_argument("--bf16-basis", action="store_true",
+                      help="store the Lanczos basis in bfloat16 (half the memory; float32 compute; orthogonality "
+                           "about 3e-3, see bench/RESULTS.md)")
     s.set_defaults(func=cmd_spectrum)
 
     v = sub.add_parser("variance", help="Hessian variance sigma2 (Algorithm 1) for the theory's predictions",

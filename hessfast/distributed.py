@@ -393,7 +393,7 @@ def all_reduce_state(state, distributed: Any = None):
 
 # ---------------------------------------------------------------------------- hooks used by hessfast.lanczos
 def basis_runner(op, m: int, *, reorth: str, block_size: int, shard_basis: Optional[bool], basis_device: Any,
-                 announce: Optional[Callable[[str], None]] = None):
+                 announce: Optional[Callable[[str], None]] = None, basis_dtype: Optional[torch.dtype] = None):
     """The Lanczos runner for a sharded or host-memory basis, or None for the single-device basis.
 
     ``shard_basis=None`` shards a distributed single-vector run when P >= :data:`AUTO_SHARD_P` or the
@@ -416,7 +416,8 @@ def basis_runner(op, m: int, *, reorth: str, block_size: int, shard_basis: Optio
         if ctx is not None:  # a replicated basis: every rank must agree that it fits, or all stop
             from .lanczos import check_basis_memory
 
-            ctx.guard(lambda: check_basis_memory(m, op.P, op.dtype, op.device, block_size), "checking basis memory")
+            ctx.guard(lambda: check_basis_memory(m, op.P, basis_dtype or op.dtype, op.device, block_size),
+                      "checking basis memory")
         return None
     from ._sharded import BasisLanczos
 

@@ -104,21 +104,42 @@ def check_basis_memory(m: int, P: int, dtype: torch.dtype, device: torch.device,
         gib = 2.0 ** 30
         raise BasisMemoryError(
             f"the Lanczos basis needs {need / gib:.2f} GiB ((m+1) x P = {m + 1} x {P:,} {dtype}) but only "
-            f"{free / gib:.2f} GiB is free on {device}. Reduce m, use dtype=torch.float32, or pass reorth='none' "
+            f"{free / gib:.2f} GiB is free on {device}. Reduce m, use dtype=torch.float32 (and "
+            f"basis_dtype=torch.bfloat16 to halve it again), or pass reorth='none' "
             f"(keeps 3 vectors; ghost eigenvalues appear); or keep the basis in host memory (basis_device='cpu') "
             f"or shard it over processes (torchrun; shard_basis=True), see hessfast.distributed.plan_basis."
         )
     return need
 
 
+def check_basis_dtype(basis_dtype: Optional[torch.dtype], dtype: torch.dtype, reorth: str = "full") -> torch.dtype:
+    """The dtype of the stored Lanczos basis: ``dtype`` itself, or bfloat16 with float32 compute."""
+    if basis_dtype is None or basis_dtype == dtype:
+        return dtype
+    if basis_dtype != torch.bfloat16:
+        raise ValueError(f"basis_dtype={basis_dtype} is not supported: use None (the compute dtype {dtype}) or "
+                         "torch.bfloat16 (with float32 compute).")
+    if dtype != torch.float32:
+        raise ValueError(f"basis_dtype=torch.bfloat16 needs float32 compute, but the operator computes in {dtype}; "
+                         "pass dtype=torch.float32 or drop basis_dtype.")
+    if reorth != "full":
+        raise ValueError("basis_dtype applies to the stored basis of reorth='full'; reorth='none' keeps only "
+                         "two vectors, so drop basis_dtype.")
+    return basis_dtype
+
+
 def lanczos_decomposition(matvec: Callable[[torch.Tensor], torch.Tensor], q0: torch.Tensor, m: int, *,
                           reorth: str = "full", backend: str = "auto", keep_basis: bool = False,
                           breakdown_tol: Optional[float] = None, step_callback: Optional[Callable] = None,
-                          where: str = "") -> LanczosResult:
+                          where: str = "", basis_dtype: Optional[torch.dtype] = None) -> LanczosResult:
     """Run m Lanczos steps of the symmetric operator ``matvec`` from ``q0`` (P,), normalised here.
 
     Stops early, with ``breakdown=True``, when beta_j <= breakdown_tol (default 100 eps ||T||): the
     Krylov space is invariant and the Ritz values found are exact eigenvalues.
+
+    ``basis_dtype=torch.bfloat16`` (float32 ``q0`` only) stores the (m+1) x P basis in bfloat16:
+    each new Lanczos vector is rounded once when stored, and that stored vector is the one the
+    operator multiplies next, so the recurrence and the reorthogonalisation see the same basis.
     """
     from .kernels import reorthogonalize
 
@@ -127,12 +148,13 @@ def lanczos_decomposition(matvec: Callable[[torch.Tensor], torch.Tensor], q0: to
                          "ghost eigenvalues appear).")
     P = q0.shape[0]
     full = reorth == "full"
-    Q = torch.empty((m + 1 if full else 2, P), dtype=q0.dtype, device=q0.device)
+    qdtype = check_basis_dtype(basis_dtype, q0.dtype, reorth)
+    Q = torch.empty((m + 1 if full else 2, P), dtype=qdtype, device=q0.device)
     Q[0] = q0 / torch.linalg.vector_norm(q0)
     rec = TridiagonalRecorder(m, q0.dtype, breakdown_tol, step_callback, where)
     for j in range(m):
         q = Q[j] if full else Q[j % 2]
-        w = matvec(q)
+        w = matvec(q if qdtype == q0.dtype else q.to(q0.dtype))
         if full:
             w, coeffs, norms = reorthogonalize(Q, j + 1, w.reshape(1, P), backend=backend)
             a, b = float(coeffs[0, j]), float(norms[0])
@@ -160,7 +182,7 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             bn_mode: str = "eval", dtype: Optional[torch.dtype] = None, reorth: str = "full",
             block_size: int = 1, hvp_mode: str = "auto", backend: str = "auto", cache_graph: Any = "auto",
             progress: Optional[bool] = None, distributed: Any = None, shard_basis: Optional[bool] = None,
-            basis_device: Any = None) -> Spectrum:
+            basis_device: Any = None, basis_dtype: Optional[torch.dtype] = None) -> Spectrum:
     """Spectrum of the Hessian or GGN of ``model`` on ``data`` by stochastic Lanczos quadrature.
 
     Args:
@@ -188,6 +210,12 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             distributed, block_size=1 and P >= 10^6 or the replicated basis would crowd the device).
         basis_device: where the (m+1) x P basis lives, e.g. ``"cpu"`` to keep it in host memory and
             stream it through the compute device in tiles (default: the operator's device).
+        basis_dtype: dtype of the stored basis: None (the compute dtype) or ``torch.bfloat16`` with
+            float32 compute, which halves the basis memory and the reorthogonalisation traffic.  The
+            basis then stays orthonormal to 1e-3..3e-3 after 100 steps (float32: 1e-6..2e-5) and Ritz
+            values move by up to 6e-4 of lambda_max (2e-4 for P >= 1e5; bench/RESULTS.md, "bfloat16
+            basis"): enough for densities and outliers, not for eigenvalues closer than that.
+            Not with a sharded or host-memory basis (shard_basis, basis_device).
 
     Returns:
         :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m).
@@ -219,10 +247,17 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                          f"dimensions. Use m <= {P}.")
     if op._dist is not None and not op._dist.is_main:
         progress = False
+    qdtype = check_basis_dtype(basis_dtype, op.dtype, reorth)
+    if qdtype != op.dtype:
+        if shard_basis or (basis_device is not None and torch.device(basis_device) != op.device):
+            raise ValueError("basis_dtype=torch.bfloat16 is supported for a basis on the operator's device "
+                             "(replicated when distributed); drop shard_basis/basis_device, or drop basis_dtype.")
+        shard_basis = False
     runner = _distributed.basis_runner(op, m, reorth=reorth, block_size=block_size, shard_basis=shard_basis,
-                                       basis_device=basis_device, announce=tqdm.write if progress else None)
+                                       basis_device=basis_device, announce=tqdm.write if progress else None,
+                                       basis_dtype=qdtype)
     if reorth == "full" and runner is None:
-        check_basis_memory(m, P, op.dtype, op.device, block_size)
+        check_basis_memory(m, P, qdtype, op.device, block_size)
     decompose = runner if runner is not None else functools.partial(lanczos_decomposition, op.matvec)
 
     bar = tqdm(total=num_probes * m, desc=f"hessfast: lanczos ({op.curvature})", unit="step",
@@ -236,11 +271,13 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             from .block_lanczos import block_lanczos_spectrum
 
             ritz, weights, steps, breakdown = block_lanczos_spectrum(
-                op.matmat, probes, m, block_size, reorth=reorth, backend=backend, bar=bar)
+                op.matmat, probes, m, block_size, reorth=reorth, backend=backend, bar=bar,
+                basis_dtype=None if qdtype == op.dtype else qdtype)
         else:
             for p in range(num_probes):
+                extra = {} if qdtype == op.dtype else {"basis_dtype": qdtype}
                 res = decompose(probes[p], m, reorth=reorth, backend=backend, step_callback=bar.update,
-                                where=f" of probe {p}")
+                                where=f" of probe {p}", **extra)
                 theta, w = res.ritz()
                 ritz[p, : res.steps] = theta
                 weights[p, : res.steps] = w
@@ -252,6 +289,7 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
     meta = {
         "P": P, "N": op.N, "m": m, "num_probes": num_probes, "curvature": op.curvature, "seed": seed,
         "bn_mode": op.bn_mode, "dtype": str(op.dtype).replace("torch.", ""), "reorth": reorth,
+        "basis_dtype": str(qdtype).replace("torch.", ""),
         "block_size": block_size, "hvp_mode": op.hvp_mode, "cached_graph": op.cached, "backend": backend,
         "device": str(op.device), "single_batch": op._single, "steps": list(map(int, steps)),
         "breakdown": bool(any(breakdown)), "elapsed": time.perf_counter() - start,

@@ -36,6 +36,7 @@ def _run(capsys, *argv):
     (["spectrum", "--curvature", "fisher"], "invalid choice: 'fisher'"),
     (["spectrum", "--checkpoint", "/nonexistent/w.pt"], "does not exist"),
     (["spectrum", "--data", "cifar10", "--data-arg", "root=/nonexistent"], "cifar-10-batches-bin"),
+    (["spectrum", "--float64", "--bf16-basis"], "not allowed with argument"),
     (["predict", "--batch-sizes", "16,x"], "comma-separated integers"),
     (["predict", "--batch-sizes", "0,16"], "positive integers"),
     (["variance", "--probes", "-2"], "positive integer"),
@@ -64,6 +65,14 @@ def test_spectrum_command_writes_json_and_png(capsys, tmp_path):
     assert spec["meta"]["N"] == 200 and len(spec["ritz_values"][0]) == 12
     assert (tmp_path / "spectrum_ggn_full.png").stat().st_size > 1000
     assert "lambda_max" in out
+    code, out, err = _run(capsys, "-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits",
+                          "--m", "12", "--max-samples", "200", "--curvature", "ggn", "--bf16-basis",
+                          "--out", str(tmp_path / "bf16"))
+    assert code == 0, err
+    half = json.loads((tmp_path / "bf16" / "spectrum_ggn_full.json").read_text())
+    assert half["meta"]["basis_dtype"] == "bfloat16" and spec["meta"]["basis_dtype"] == "float32"
+    lmax, lmax_half = max(spec["ritz_values"][0]), max(half["ritz_values"][0])
+    assert abs(lmax_half - lmax) <= 1e-3 * abs(lmax)
 
 
 def test_spectrum_under_torchrun_equals_one_process(capsys, tmp_path):

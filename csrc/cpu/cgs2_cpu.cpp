@@ -50,54 +50,65 @@ int64_t tile_columns_stream(int64_t b, size_t elem) {
   return t & ~int64_t(15);
 }
 
-// acc[j * b + r] += Q[j, p0:p0+n] . W[r, p0:p0+n]
-template <typename T>
-void tile_dots(const T* Q, int64_t ldq, int64_t k, const T* W, int64_t b, int64_t P, int64_t p0,
-               int64_t n, double* acc) {
-  int64_t j = 0;
-  auto group = [&](auto gtag) {
-    constexpr int g = decltype(gtag)::value;
-    const T* q[g];
-    for (int i = 0; i < g; ++i) q[i] = Q + (j + i) * ldq + p0;
-    for (int64_t r = 0; r < b; ++r) {
-      double o[g] = {};
-      dot_rows<T, g>(q, W + r * P + p0, n, o);
-      for (int i = 0; i < g; ++i) acc[(j + i) * b + r] += o[i];
-    }
-    j += g;
+// Calls f(G, R) (as integral constants) over the register blocks of a k x b problem: rows of W in
+// blocks of R = 4 (then 2, 1), and for each, rows of Q in blocks of G = 8 (R <= 2) or 4 (then 1).
+// f receives the first rows j0 (of Q) and r0 (of W) of the block.
+template <typename F>
+void for_blocks(int64_t k, int64_t b, F&& f) {
+  auto rows_of_q = [&](int64_t r0, auto rtag) {
+    constexpr int R = decltype(rtag)::value;
+    constexpr int G = R <= 2 ? kGroup : 4;
+    int64_t j = 0;
+    for (; j + G <= k; j += G) f(j, r0, std::integral_constant<int, G>(), rtag);
+    for (; j + 4 <= k; j += 4) f(j, r0, std::integral_constant<int, 4>(), rtag);
+    for (; j < k; ++j) f(j, r0, std::integral_constant<int, 1>(), rtag);
   };
-  while (j + kGroup <= k) group(std::integral_constant<int, kGroup>());
-  while (j + 4 <= k) group(std::integral_constant<int, 4>());
-  while (j < k) group(std::integral_constant<int, 1>());
+  int64_t r = 0;
+  for (; r + 4 <= b; r += 4) rows_of_q(r, std::integral_constant<int, 4>());
+  for (; r + 2 <= b; r += 2) rows_of_q(r, std::integral_constant<int, 2>());
+  for (; r < b; ++r) rows_of_q(r, std::integral_constant<int, 1>());
+}
+
+// acc[j * b + r] += Q[j, p0:p0+n] . W[r, p0:p0+n]
+template <typename T, typename TQ>
+void tile_dots(const TQ* Q, int64_t ldq, int64_t k, const T* W, int64_t b, int64_t P, int64_t p0,
+               int64_t n, double* acc) {
+  for_blocks(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
+    constexpr int G = decltype(gtag)::value, R = decltype(rtag)::value;
+    const TQ* q[G];
+    const T* w[R];
+    for (int i = 0; i < G; ++i) q[i] = Q + (j + i) * ldq + p0;
+    for (int r = 0; r < R; ++r) w[r] = W + (r0 + r) * P + p0;
+    double o[G * R] = {};
+    dot_block<T, TQ, G, R>(q, w, n, o);
+    for (int i = 0; i < G; ++i)
+      for (int r = 0; r < R; ++r) acc[(j + i) * b + r0 + r] += o[i * R + r];
+  });
 }
 
 // W[r, p0:p0+n] -= sum_j h[j * b + r] Q[j, p0:p0+n]
-template <typename T>
-void tile_update(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, int64_t p0,
+template <typename T, typename TQ>
+void tile_update(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, int64_t p0,
                  int64_t n, const T* h) {
-  int64_t j = 0;
-  auto group = [&](auto gtag) {
-    constexpr int g = decltype(gtag)::value;
-    const T* q[g];
-    for (int i = 0; i < g; ++i) q[i] = Q + (j + i) * ldq + p0;
-    for (int64_t r = 0; r < b; ++r) {
-      T c[g];
-      for (int i = 0; i < g; ++i) c[i] = h[(j + i) * b + r];
-      axpy_rows<T, g>(W + r * P + p0, q, c, n);
-    }
-    j += g;
-  };
-  while (j + kGroup <= k) group(std::integral_constant<int, kGroup>());
-  while (j + 4 <= k) group(std::integral_constant<int, 4>());
-  while (j < k) group(std::integral_constant<int, 1>());
+  for_blocks(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
+    constexpr int G = decltype(gtag)::value, R = decltype(rtag)::value;
+    const TQ* q[G];
+    T* w[R];
+    T c[G * R];
+    for (int i = 0; i < G; ++i) q[i] = Q + (j + i) * ldq + p0;
+    for (int r = 0; r < R; ++r) w[r] = W + (r0 + r) * P + p0;
+    for (int i = 0; i < G; ++i)
+      for (int r = 0; r < R; ++r) c[i * R + r] = h[(j + i) * b + r0 + r];
+    axpy_block<T, TQ, G, R>(w, q, c, n);
+  });
 }
 
 }  // namespace
 
-template <typename T>
-void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+template <typename T, typename TQ>
+void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
           int num_threads) {
-  const int64_t tile2 = tile_columns_fused(k, b, sizeof(T));
+  const int64_t tile2 = tile_columns_fused(k, b, sizeof(TQ));
   const int64_t tile = tile_columns_stream(b, sizeof(T));
   // Small problems are not worth waking threads for.
   int nt = (k + 1) * b * P < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
@@ -132,7 +143,7 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     // Pass 1: h1 = Q W^T.
     std::fill(my, my + kb, 0.0);
     for (int64_t p = c0; p < c1; p += tile)
-      tile_dots<T>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
+      tile_dots<T, TQ>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
 #pragma omp barrier
 #pragma omp single
     reduce_cast(h1, h1t, nth);
@@ -140,8 +151,8 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     std::fill(my, my + kb, 0.0);
     for (int64_t p = c0; p < c1; p += tile2) {
       const int64_t n = std::min(tile2, c1 - p);
-      tile_update<T>(Q, ldq, k, W, b, P, p, n, h1t.data());
-      tile_dots<T>(Q, ldq, k, W, b, P, p, n, my);
+      tile_update<T, TQ>(Q, ldq, k, W, b, P, p, n, h1t.data());
+      tile_dots<T, TQ>(Q, ldq, k, W, b, P, p, n, my);
     }
 #pragma omp barrier
 #pragma omp single
@@ -150,7 +161,7 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
     std::fill(my, my + b, 0.0);
     for (int64_t p = c0; p < c1; p += tile) {
       const int64_t n = std::min(tile, c1 - p);
-      tile_update<T>(Q, ldq, k, W, b, P, p, n, h2t.data());
+      tile_update<T, TQ>(Q, ldq, k, W, b, P, p, n, h2t.data());
       for (int64_t r = 0; r < b; ++r) my[r] += sumsq<T>(W + r * P + p, n);
     }
 #pragma omp barrier
@@ -164,10 +175,12 @@ void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coe
   }
 }
 
-template void cgs2<float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*,
-                          float*, int);
-template void cgs2<double>(const double*, int64_t, int64_t, double*, int64_t, int64_t, double*,
-                           double*, int);
+template void cgs2<float, float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*,
+                                 float*, int);
+template void cgs2<double, double>(const double*, int64_t, int64_t, double*, int64_t, int64_t,
+                                   double*, double*, int);
+template void cgs2<float, bf16>(const bf16*, int64_t, int64_t, float*, int64_t, int64_t, float*,
+                                float*, int);
 
 }  // namespace cpu
 }  // namespace hessfast

@@ -18,12 +18,13 @@ inline void column_range(int64_t P, int t, int nth, int64_t* c0, int64_t* c1) {
 
 // Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D / issue 3, in three passes
 // over Q instead of four.
-//   Q      (k, ldq)  basis rows, only the first P entries of each row are read
+//   Q      (k, ldq)  basis rows, only the first P entries of each row are read; of type T, or
+//                    bfloat16 words (TQ = uint16_t) with T = float (widened exactly on load)
 //   W      (b, P)    block to project; overwritten with W2 = (I - Q^T Q)^2 W
 //   coeffs (b, k)    h1 + h2
 //   norms  (b,)      row norms of W2
-template <typename T>
-void cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+template <typename T, typename TQ = T>
+void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
           int num_threads);
 
 // Gram matrix G = W W^T (b, b) accumulated in double.

@@ -6,6 +6,8 @@
 // lets the compiler vectorise the reductions without -ffast-math (it may reassociate only these sums).
 #pragma once
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(HESSFAST_NO_CLONES)
 #define HF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -83,10 +85,29 @@ HF_CLONES void sqhvp_tile(const T* __restrict u, const T* __restrict v, T* __res
 }
 
 
+// ---- bfloat16 basis rows (issue 3, optional) ------------------------------------------------
+// A bfloat16 is the upper half of a float32; the kernels keep such rows as raw 16-bit words and
+// widen them exactly (a shift) on load, so all arithmetic and accumulation stays in float32.
+typedef uint16_t bf16;
+
+// Q element -> T (exact).
+template <typename T, typename TQ>
+inline T widen(TQ x) {
+  if constexpr (std::is_same<TQ, bf16>::value) {
+    const uint32_t u = uint32_t(x) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  } else {
+    return x;
+  }
+}
+
 // ---- Cache-line micro-kernels of the fused CGS2 ------------------------------------------------
-// One iteration handles one 64-byte line of each of G rows of Q through GCC vector types (one zmm
-// with AVX-512, two ymm with AVX2, four xmm otherwise); W is loaded once per line for all G rows.
-// Accumulation is in T, in 64/sizeof(T) lanes per row, reduced once at the end of the tile.
+// One iteration handles one 64-byte line of W (64/sizeof(T) elements) and the matching elements of
+// rows of Q through GCC vector types (one zmm with AVX-512, two ymm with AVX2, four xmm otherwise).
+// Rows of Q are of type TQ: T itself, or bf16 with T = float (half a line each, widened on load).
+// Accumulation is in T, in 64/sizeof(T) lanes per row pair, reduced once at the end of the tile.
 // (Software prefetch of the next rows or the next tile was measured and made things slower.)
 template <typename T>
 struct Line;
@@ -101,60 +122,98 @@ struct Line<float> {
 #define HF_LOAD(x, p) __builtin_memcpy(&(x), (p), 64)
 #define HF_STORE(p, x) __builtin_memcpy((p), &(x), 64)
 
-// out[i] += q[i][0:n] . w[0:n], i < G.
-template <typename T, int G>
-HF_CLONES void dot_rows(const T* const* __restrict q, const T* __restrict w, int64_t n,
-                        double* out) {
-  typedef typename Line<T>::v V;
-  constexpr int L = 64 / sizeof(T);
-  V acc[G];
-  const T* qq[G];
-  for (int i = 0; i < G; ++i) acc[i] = V{}, qq[i] = q[i];
-  int64_t p = 0;
-  for (; p + L <= n; p += L) {
-    V x;
-    HF_LOAD(x, w + p);
-    for (int i = 0; i < G; ++i) {
-      V y;
-      HF_LOAD(y, qq[i] + p);
-      acc[i] += y * x;
-    }
-  }
-  for (int i = 0; i < G; ++i) {
-    T s = 0;
-    for (int l = 0; l < L; ++l) s += acc[i][l];
-    for (int64_t e = p; e < n; ++e) s += qq[i][e] * w[e];
-    out[i] += s;
+// x <- the 64/sizeof(T) elements of Q at p, as one line of T.
+template <typename T, typename TQ>
+inline __attribute__((always_inline)) void load_q(typename Line<T>::v& x, const TQ* p) {
+  if constexpr (std::is_same<TQ, T>::value) {
+    HF_LOAD(x, p);
+  } else {
+    static_assert(std::is_same<TQ, bf16>::value && std::is_same<T, float>::value,
+                  "Q rows are T or (with T = float) bf16");
+    typedef uint16_t H __attribute__((vector_size(32)));
+    typedef uint32_t U __attribute__((vector_size(64)));
+    H h;
+    __builtin_memcpy(&h, p, 32);
+    const U u = __builtin_convertvector(h, U) << 16;
+    __builtin_memcpy(&x, &u, 64);
   }
 }
 
-// w[0:n] -= sum_i c[i] q[i][0:n], i < G.
-template <typename T, int G>
-HF_CLONES void axpy_rows(T* __restrict w, const T* const* __restrict q, const T* __restrict c,
-                         int64_t n) {
+// Register-blocked micro-kernels: G rows of Q against R rows of W (w[r] = W row r at this tile).
+// Per 64-byte line, each of the G rows of Q is loaded (and widened) once for all R rows of W and
+// each row of W once for all G rows of Q: G + R loads for G * R multiply-adds, so for R > 1 the
+// loop is bound by arithmetic, not by loads (G = 4, R = 4 holds 16 accumulators, 4 W lines and
+// one Q line: 21 of AVX-512's 32 registers).
+
+// out[i * R + r] += q[i][0:n] . w[r][0:n]
+template <typename T, typename TQ, int G, int R>
+HF_CLONES void dot_block(const TQ* const* __restrict q, const T* const* __restrict w, int64_t n,
+                         double* out) {
   typedef typename Line<T>::v V;
   constexpr int L = 64 / sizeof(T);
-  const T* qq[G];
-  T cc[G];
-  for (int i = 0; i < G; ++i) qq[i] = q[i], cc[i] = c[i];
+  V acc[G][R];
+  const TQ* qq[G];
+  const T* ww[R];
+  for (int i = 0; i < G; ++i) {
+    qq[i] = q[i];
+    for (int r = 0; r < R; ++r) acc[i][r] = V{};
+  }
+  for (int r = 0; r < R; ++r) ww[r] = w[r];
   int64_t p = 0;
   for (; p + L <= n; p += L) {
-    V s, y, x;
-    HF_LOAD(y, qq[0] + p);
-    s = cc[0] * y;
-    for (int i = 1; i < G; ++i) {
-      HF_LOAD(y, qq[i] + p);
-      s += cc[i] * y;
+    V x[R];
+    for (int r = 0; r < R; ++r) HF_LOAD(x[r], ww[r] + p);
+    for (int i = 0; i < G; ++i) {
+      V y;
+      load_q<T>(y, qq[i] + p);
+      for (int r = 0; r < R; ++r) acc[i][r] += y * x[r];
     }
-    HF_LOAD(x, w + p);
-    x -= s;
-    HF_STORE(w + p, x);
   }
-  for (; p < n; ++p) {
-    T s = cc[0] * qq[0][p];
-    for (int i = 1; i < G; ++i) s += cc[i] * qq[i][p];
-    w[p] -= s;
+  for (int i = 0; i < G; ++i)
+    for (int r = 0; r < R; ++r) {
+      T s = 0;
+      for (int l = 0; l < L; ++l) s += acc[i][r][l];
+      for (int64_t e = p; e < n; ++e) s += widen<T>(qq[i][e]) * ww[r][e];
+      out[i * R + r] += s;
+    }
+}
+
+// w[r][0:n] -= sum_i c[i * R + r] q[i][0:n]
+template <typename T, typename TQ, int G, int R>
+HF_CLONES void axpy_block(T* const* __restrict w, const TQ* const* __restrict q,
+                          const T* __restrict c, int64_t n) {
+  typedef typename Line<T>::v V;
+  constexpr int L = 64 / sizeof(T);
+  const TQ* qq[G];
+  T* ww[R];
+  V cv[G][R];  // the coefficients, broadcast once per tile
+  for (int i = 0; i < G; ++i) {
+    qq[i] = q[i];
+    for (int r = 0; r < R; ++r) cv[i][r] = V{} + c[i * R + r];
   }
+  for (int r = 0; r < R; ++r) ww[r] = w[r];
+  int64_t p = 0;
+  for (; p + L <= n; p += L) {
+    V s[R], y;
+    load_q<T>(y, qq[0] + p);
+    for (int r = 0; r < R; ++r) s[r] = cv[0][r] * y;
+    for (int i = 1; i < G; ++i) {
+      load_q<T>(y, qq[i] + p);
+      for (int r = 0; r < R; ++r) s[r] += cv[i][r] * y;
+    }
+    for (int r = 0; r < R; ++r) {
+      V x;
+      HF_LOAD(x, ww[r] + p);
+      x -= s[r];
+      HF_STORE(ww[r] + p, x);
+    }
+  }
+  for (; p < n; ++p)
+    for (int r = 0; r < R; ++r) {
+      T s = c[r] * widen<T>(qq[0][p]);
+      for (int i = 1; i < G; ++i) s += c[i * R + r] * widen<T>(qq[i][p]);
+      ww[r][p] -= s;
+    }
 }
 #undef HF_LOAD
 #undef HF_STORE

@@ -13,8 +13,8 @@ namespace hessfast {
 namespace cuda {
 namespace {
 
-template <typename T>
-__global__ void dots_kernel(const T* __restrict__ Q, int64_t ldq, int k, const T* __restrict__ W, int b,
+template <typename T, typename TQ>
+__global__ void dots_kernel(const TQ* __restrict__ Q, int64_t ldq, int k, const T* __restrict__ W, int b,
                             int64_t P, T* __restrict__ part) {
   __shared__ T ws[kRG][kThreads];
   T* my = part + int64_t(blockIdx.x) * k * b;
@@ -26,13 +26,13 @@ __global__ void dots_kernel(const T* __restrict__ Q, int64_t ldq, int k, const T
       for (int r = 0; r < nr; ++r)
         ws[r][threadIdx.x] = int(threadIdx.x) < n ? W[int64_t(r0 + r) * P + c0 + threadIdx.x] : T(0);
       __syncthreads();
-      warp_row_dots<T>(Q, ldq, k, c0, n, ws, r0, nr, b, my);
+      warp_row_dots<T, TQ>(Q, ldq, k, c0, n, ws, r0, nr, b, my);
     }
   }
 }
 
-template <typename T, bool kDots>
-__global__ void update_kernel(const T* __restrict__ Q, int64_t ldq, int k, T* __restrict__ W, int b, int64_t P,
+template <typename T, typename TQ, bool kDots>
+__global__ void update_kernel(const TQ* __restrict__ Q, int64_t ldq, int k, T* __restrict__ W, int b, int64_t P,
                               const T* __restrict__ h, T* __restrict__ part) {
   __shared__ T ws[kRG][kThreads];
   __shared__ T red[kThreads / 32][kRG];
@@ -49,10 +49,10 @@ __global__ void update_kernel(const T* __restrict__ Q, int64_t ldq, int k, T* __
       for (int r = 0; r < kRG; ++r) w[r] = (in && r < nr) ? W[int64_t(r0 + r) * P + p] : T(0);
       int j = 0;
       for (; j + 4 <= k; j += 4) {  // four independent loads in flight per thread
-        const T q0 = in ? __ldg(Q + int64_t(j) * ldq + p) : T(0);
-        const T q1 = in ? __ldg(Q + int64_t(j + 1) * ldq + p) : T(0);
-        const T q2 = in ? __ldg(Q + int64_t(j + 2) * ldq + p) : T(0);
-        const T q3 = in ? __ldg(Q + int64_t(j + 3) * ldq + p) : T(0);
+        const T q0 = in ? load_q(Q + int64_t(j) * ldq + p) : T(0);
+        const T q1 = in ? load_q(Q + int64_t(j + 1) * ldq + p) : T(0);
+        const T q2 = in ? load_q(Q + int64_t(j + 2) * ldq + p) : T(0);
+        const T q3 = in ? load_q(Q + int64_t(j + 3) * ldq + p) : T(0);
         const T* hj = h + int64_t(j) * b + r0;
 #pragma unroll
         for (int r = 0; r < kRG; ++r)
@@ -60,7 +60,7 @@ __global__ void update_kernel(const T* __restrict__ Q, int64_t ldq, int k, T* __
                               __ldg(hj + 3 * b + r) * q3;
       }
       for (; j < k; ++j) {
-        const T q0 = in ? __ldg(Q + int64_t(j) * ldq + p) : T(0);
+        const T q0 = in ? load_q(Q + int64_t(j) * ldq + p) : T(0);
 #pragma unroll
         for (int r = 0; r < kRG; ++r)
           if (r < nr) w[r] -= __ldg(h + int64_t(j) * b + r0 + r) * q0;
@@ -73,7 +73,7 @@ __global__ void update_kernel(const T* __restrict__ Q, int64_t ldq, int k, T* __
 #pragma unroll
         for (int r = 0; r < kRG; ++r) ws[r][tid] = w[r];
         __syncthreads();
-        warp_row_dots<T>(Q, ldq, k, c0, n, ws, r0, nr, b, my);
+        warp_row_dots<T, TQ>(Q, ldq, k, c0, n, ws, r0, nr, b, my);
       } else {
 #pragma unroll
         for (int r = 0; r < kRG; ++r) {
@@ -138,8 +138,8 @@ cudaError_t make_plan(int64_t k, int64_t b, int64_t P, int itemsize, Plan* plan)
   return cudaSuccess;
 }
 
-template <typename T>
-cudaError_t cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms, T* work,
+template <typename T, typename TQ>
+cudaError_t cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms, T* work,
                  const Plan& plan, cudaStream_t s) {
   const int64_t kb = k * b;
   const int64_t g = std::max(plan.grid, plan.grid_fused);
@@ -150,14 +150,14 @@ cudaError_t cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P,
   cudaError_t err;
   if (k > 0) {
     if ((err = cudaMemsetAsync(part, 0, sizeof(T) * plan.grid * kb, s)) != cudaSuccess) return err;
-    dots_kernel<T><<<plan.grid, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, part);
+    dots_kernel<T, TQ><<<plan.grid, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, part);
     if ((err = reduce<T>(part, plan.grid, kb, h1, s)) != cudaSuccess) return err;
     if ((err = cudaMemsetAsync(part, 0, sizeof(T) * plan.grid_fused * kb, s)) != cudaSuccess) return err;
-    update_kernel<T, true><<<plan.grid_fused, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, h1, part);
+    update_kernel<T, TQ, true><<<plan.grid_fused, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, h1, part);
     if ((err = reduce<T>(part, plan.grid_fused, kb, h2, s)) != cudaSuccess) return err;
   }
   if ((err = cudaMemsetAsync(part, 0, sizeof(T) * plan.grid * b, s)) != cudaSuccess) return err;
-  update_kernel<T, false><<<plan.grid, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, h2, part);
+  update_kernel<T, TQ, false><<<plan.grid, kThreads, 0, s>>>(Q, ldq, int(k), W, int(b), P, h2, part);
   if ((err = reduce<T>(part, plan.grid, b, nsq, s)) != cudaSuccess) return err;
   const int64_t n = std::max<int64_t>(kb, b);
   finalize_kernel<T><<<cdiv64(n, 256), 256, 0, s>>>(h1, h2, nsq, int(k), int(b), coeffs, norms);
@@ -168,14 +168,16 @@ template <typename T>
 cudaError_t gram(const T* W, int64_t b, int64_t P, T* G, T* work, const Plan& plan, cudaStream_t s) {
   cudaError_t err = cudaMemsetAsync(work, 0, sizeof(T) * plan.grid * b * b, s);
   if (err != cudaSuccess) return err;
-  dots_kernel<T><<<plan.grid, kThreads, 0, s>>>(W, P, int(b), W, int(b), P, work);
+  dots_kernel<T, T><<<plan.grid, kThreads, 0, s>>>(W, P, int(b), W, int(b), P, work);
   return reduce<T>(work, plan.grid, b * b, G, s);
 }
 
-template cudaError_t cgs2<float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*, float*, float*,
-                                 const Plan&, cudaStream_t);
-template cudaError_t cgs2<double>(const double*, int64_t, int64_t, double*, int64_t, int64_t, double*, double*,
-                                  double*, const Plan&, cudaStream_t);
+template cudaError_t cgs2<float, float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*, float*,
+                                        float*, const Plan&, cudaStream_t);
+template cudaError_t cgs2<double, double>(const double*, int64_t, int64_t, double*, int64_t, int64_t, double*,
+                                          double*, double*, const Plan&, cudaStream_t);
+template cudaError_t cgs2<float, __nv_bfloat16>(const __nv_bfloat16*, int64_t, int64_t, float*, int64_t, int64_t,
+                                                float*, float*, float*, const Plan&, cudaStream_t);
 template cudaError_t gram<float>(const float*, int64_t, int64_t, float*, float*, const Plan&, cudaStream_t);
 template cudaError_t gram<double>(const double*, int64_t, int64_t, double*, double*, const Plan&, cudaStream_t);
 

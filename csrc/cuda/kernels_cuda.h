@@ -1,7 +1,8 @@
 // CUDA kernels of hessfast: host launchers taking raw device pointers and a stream, so the module
 // is built by nvcc without torch.  Same operations as csrc/cpu/kernels_cpu.h; the partial sums of
-// the reductions go to a caller-provided workspace (allocated by torch in hessfast/kernels/ops.py).
+// the reductions go to a caller-provided workspace (allocated by torch in hessfast/kernels/).
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -19,8 +20,9 @@ struct Plan {
 cudaError_t make_plan(int64_t k, int64_t b, int64_t P, int itemsize, Plan* plan);
 
 // Fused CGS2 (see csrc/cpu/kernels_cpu.h): W (b, P) overwritten, coeffs (b, k), norms (b,).
-template <typename T>
-cudaError_t cgs2(const T* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+// Q rows are T, or __nv_bfloat16 with T = float (widened on load; the plan takes Q's itemsize).
+template <typename T, typename TQ = T>
+cudaError_t cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
                  T* work, const Plan& plan, cudaStream_t stream);
 
 // G (b, b) = W W^T through the same dot kernel; work >= make_plan(b, b, P).work elements.

@@ -13,7 +13,8 @@ def cgs2_reference(Q: torch.Tensor, k: int, W: torch.Tensor):
     """Classical Gram-Schmidt applied twice against the first k rows of Q (paper Appendix D).
 
     Args:
-        Q: (m+1, P) basis rows; rows 0..k-1 are used (orthonormal in exact arithmetic).
+        Q: (m+1, P) basis rows; rows 0..k-1 are used (orthonormal in exact arithmetic).  Of W's
+            dtype, or bfloat16 with a float32 W (rows are widened to float32 a few at a time).
         k: number of basis rows, 0 <= k <= m+1.
         W: (b, P) block to project (not modified).
 
@@ -21,13 +22,23 @@ def cgs2_reference(Q: torch.Tensor, k: int, W: torch.Tensor):
         W2 (b, P) = W1 - h2^T Q_k with W1 = W - h1^T Q_k, h1 = Q_k W^T, h2 = Q_k W1^T;
         coeffs (b, k) = (h1 + h2)^T; norms (b,) the row norms of W2.  Four passes over Q_k.
     """
-    Qk = Q[:k]
     W2 = W.clone()
-    h1 = W2 @ Qk.T                       # (b, k)   pass 1
-    W2.addmm_(h1, Qk, alpha=-1)          # W1       pass 2
-    h2 = W2 @ Qk.T                       #          pass 3
-    W2.addmm_(h2, Qk, alpha=-1)          # W2       pass 4
-    return W2, h1 + h2, torch.linalg.vector_norm(W2, dim=1)
+    if Q.dtype == W.dtype:
+        Qk = Q[:k]
+        h1 = W2 @ Qk.T                       # (b, k)   pass 1
+        W2.addmm_(h1, Qk, alpha=-1)          # W1       pass 2
+        h2 = W2 @ Qk.T                       #          pass 3
+        W2.addmm_(h2, Qk, alpha=-1)          # W2       pass 4
+        return W2, h1 + h2, torch.linalg.vector_norm(W2, dim=1)
+    step = max(1, 2 ** 22 // max(Q.shape[1], 1))  # rows widened at a time (16 MiB of float32)
+    chunks = [(i, min(i + step, k)) for i in range(0, k, step)]
+    coeffs = torch.zeros(W.shape[0], k, dtype=W.dtype, device=W.device)
+    for _ in range(2):
+        h = torch.cat([W2 @ Q[i:j].to(W.dtype).T for i, j in chunks], dim=1) if k else coeffs[:, :0]
+        for i, j in chunks:
+            W2.addmm_(h[:, i:j], Q[i:j].to(W.dtype), alpha=-1)
+        coeffs += h
+    return W2, coeffs, torch.linalg.vector_norm(W2, dim=1)
 
 
 def cholqr2_reference(W: torch.Tensor, mgs_fallback: bool = True):

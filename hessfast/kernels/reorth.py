@@ -20,15 +20,16 @@ def _cgs2_torch(Q, k, W, coeffs, norms):
 
 
 def _cgs2_cpu(Q, k, W, coeffs, norms):
-    cpu_module().cgs2(Q.numpy(), k, W.numpy(), coeffs.numpy(), norms.numpy(), torch.get_num_threads())
+    q = Q.view(torch.int16).numpy() if Q.dtype == torch.bfloat16 else Q.numpy()  # numpy has no bfloat16
+    cpu_module().cgs2(q, k, W.numpy(), coeffs.numpy(), norms.numpy(), torch.get_num_threads())
 
 
 def _cgs2_cuda(Q, k, W, coeffs, norms):
     mod = cuda_module()
     b, P = W.shape
     with torch.cuda.device(W.device):
-        work = torch.empty(mod.workspace(k, b, P, W.element_size()), dtype=W.dtype, device=W.device)
-        mod.cgs2(W.element_size(), Q.data_ptr(), Q.stride(0), k, W.data_ptr(), b, P, coeffs.data_ptr(),
+        work = torch.empty(mod.workspace(k, b, P, Q.element_size()), dtype=W.dtype, device=W.device)
+        mod.cgs2(W.element_size(), Q.element_size(), Q.data_ptr(), Q.stride(0), k, W.data_ptr(), b, P, coeffs.data_ptr(),
                  norms.data_ptr(), work.data_ptr(), stream_ptr(W))
 
 
@@ -36,6 +37,14 @@ def _cgs2_triton(Q, k, W, coeffs, norms):
     from .triton_kernels import cgs2_triton
 
     cgs2_triton(Q, k, W, coeffs, norms)
+
+
+BASIS_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def block_dtype(basis_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the blocks W projected against a basis of ``basis_dtype`` (float32 for bfloat16)."""
+    return torch.float32 if basis_dtype == torch.bfloat16 else basis_dtype
 
 
 CGS2_IMPLS = {"torch": _cgs2_torch, "cpu": _cgs2_cpu, "cuda": _cgs2_cuda, "triton": _cgs2_triton}
@@ -49,10 +58,12 @@ def reorthogonalize(Q: torch.Tensor, k: int, W: torch.Tensor, backend: str = "au
 
     Args:
         Q: (m+1, P) basis rows, float32 or float64; rows 0..k-1 are used. Needs unit column stride
-            (``Q.stride(1) == 1``), as a preallocated Lanczos basis has.
+            (``Q.stride(1) == 1``), as a preallocated Lanczos basis has.  A bfloat16 basis is
+            accepted with a float32 W: rows are widened exactly on load and all arithmetic is
+            float32 (half the memory traffic; see :func:`hessfast.lanczos`'s ``basis_dtype``).
         k: number of basis rows to project against, 0 <= k <= Q.shape[0].
-        W: (b, P) block (or a single (P,) vector) of Q's dtype and device. It may be overwritten:
-            do not reuse it after the call.
+        W: (b, P) block (or a single (P,) vector) of Q's dtype (float32 for a bfloat16 Q) and
+            device. It may be overwritten: do not reuse it after the call.
         backend: "auto", "torch", "cpu", "cuda" or "triton" (see :func:`resolve_backend`).
 
     Returns:
@@ -67,12 +78,12 @@ def reorthogonalize(Q: torch.Tensor, k: int, W: torch.Tensor, backend: str = "au
         ([[0.0, 0.0, 2.0, 3.0, 4.0]], [[0.0, 1.0]], [5.385164807134504])
     """
     fn = "hessfast.kernels.reorthogonalize"
-    check_tensor(fn, "Q", Q, 2, "(m+1, P)")
+    check_tensor(fn, "Q", Q, 2, "(m+1, P)", dtypes=BASIS_DTYPES)
     vector = isinstance(W, torch.Tensor) and W.dim() == 1
     if vector:
         W = W.reshape(1, -1)
     P = Q.shape[1]
-    check_tensor(fn, "W", W, 2, f"(b, {P}) or ({P},)", dtype=Q.dtype, device=Q.device)
+    check_tensor(fn, "W", W, 2, f"(b, {P}) or ({P},)", dtype=block_dtype(Q.dtype), device=Q.device)
     if W.shape[1] != P:
         raise ValueError(f"{fn}: W must have shape (b, {P}) to match Q (m+1, {P}), got {tuple(W.shape)}")
     if not 0 <= int(k) <= Q.shape[0]:

@@ -3,8 +3,9 @@
 Each kernel works on a tile of BLOCK_P columns for all b rows of a block at once (b padded to the
 power of two BLOCK_B), so one load of a row of Q serves the whole block.  Reductions over P are
 written as per-program partial sums and reduced by torch in a fixed order (deterministic, no
-atomics).  Launchers at the bottom pick block sizes; they expect checked, contiguous inputs (see
-hessfast/kernels/ops.py).  On CPU tensors they run under TRITON_INTERPRET=1 only.
+atomics).  Launchers at the bottom pick block sizes; they expect checked, contiguous inputs (the
+public functions in reorth.py, orthonormalize.py and sqhvp.py check them).  A bfloat16 basis Q is
+widened to the block's float32 on load.  On CPU tensors they run under TRITON_INTERPRET=1 only.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def _dots_kernel(Q, ldq, k, W, P, b, part, BLOCK_B: tl.constexpr, BLOCK_P: tl.co
     out = part + pid.to(tl.int64) * k * b
     qp = Q + offs  # advanced by ldq per row: pointer increments cannot overflow 32-bit indices
     for j in range(k):
-        q = tl.load(qp, mask=cmask, other=0.0)
+        q = tl.load(qp, mask=cmask, other=0.0).to(w.dtype)  # a bfloat16 basis is widened
         tl.store(out + j * b + rows, tl.sum(w * q[None, :], axis=1), mask=rmask)
         qp += ldq
 
@@ -45,7 +46,7 @@ def _update_kernel(Q, ldq, k, W, P, b, h, part, WITH_DOTS: tl.constexpr, BLOCK_B
     w = tl.load(ptrs, mask=mask2, other=0.0)
     qp = Q + offs
     for j in range(k):
-        q = tl.load(qp, mask=cmask, other=0.0)
+        q = tl.load(qp, mask=cmask, other=0.0).to(w.dtype)  # a bfloat16 basis is widened
         c = tl.load(h + j * b + rows, mask=rmask, other=0.0)
         w -= c[:, None] * q[None, :]
         qp += ldq
@@ -54,7 +55,7 @@ def _update_kernel(Q, ldq, k, W, P, b, h, part, WITH_DOTS: tl.constexpr, BLOCK_B
         out = part + pid.to(tl.int64) * k * b
         qp = Q + offs
         for j in range(k):
-            q = tl.load(qp, mask=cmask, other=0.0)
+            q = tl.load(qp, mask=cmask, other=0.0).to(w.dtype)  # a bfloat16 basis is widened
             tl.store(out + j * b + rows, tl.sum(w * q[None, :], axis=1), mask=rmask)
             qp += ldq
     else:
@@ -92,7 +93,7 @@ def _sqhvp_kernel(U, c, P, b, V, sum_u, part, BLOCK_B: tl.constexpr, BLOCK_P: tl
     rp = rows[:, None].to(tl.int64) * P + offs[None, :]
     v = tl.load(V + rp, mask=mask2, other=0.0)
     su = tl.load(sum_u + rp, mask=mask2, other=0.0)
-    sq = tl.zeros((BLOCK_B,), dtype=tl.float32 if V.dtype.element_ty == tl.float32 else tl.float64)
+    sq = tl.zeros((BLOCK_B,), dtype=V.dtype.element_ty)
     vu = tl.zeros((BLOCK_B,), dtype=sq.dtype)
     up = U + rp
     for i in range(c):
