@@ -321,7 +321,7 @@ def fmt(v, spec=".3g"):
 def markdown(rows, env, m):
     out = [f"`{env['command']}`", "",
            ", ".join(f"{k}: {v}" for k, v in env.items() if k != "command"), ""]
-    out += [f"| workload | library / routine | x gradient | err lambda_max | err lambda_min | copies of top | note |",
+    out += ["| workload | library / routine | x gradient | err lambda_max | err lambda_min | copies of top | note |",
             "|---|---|---|---|---|---|---|"]
     for r in rows:
         wl = f"{r['workload']} (P={r['P']:,}, grad {r['gradient_ms']:.1f} ms)"

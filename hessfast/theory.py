@@ -17,7 +17,7 @@ kept as ``variant="paper"``; ``docs/theory.md`` lists the differences with the m
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 

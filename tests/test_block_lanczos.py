@@ -90,7 +90,6 @@ def test_deflation_and_spectrum_padding():
     A = torch.diag(torch.tensor([3.0, 3.0, 1.0, 1.0, 1.0, 0.5] + [0.0] * 10, dtype=torch.float64))
     V0 = torch.randn(5, 16, dtype=torch.float64)
     V0[4] = V0[0] + V0[1]                                     # a dependent probe
-    calls = []
     ritz, weights, steps, breakdown = block_lanczos_spectrum(lambda X: X @ A, V0, 8, 2, bar=None)
     assert ritz.shape == weights.shape and ritz.shape[0] == 5
     np.testing.assert_allclose(weights.sum(1), 1.0, atol=1e-12)

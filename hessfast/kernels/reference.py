@@ -52,7 +52,6 @@ def cholqr2_reference(W: torch.Tensor, mgs_fallback: bool = True):
         W^T = Qb^T R (diag(R) >= 0), and the method used ("cholqr2", "cholqr+mgs" or "mgs").
         Rows dependent on earlier rows come back as zero rows of Qb with R[i, i] = 0.
     """
-    b = W.shape[0]
     eps = torch.finfo(W.dtype).eps
     max_cond = 1.0 / (100.0 * eps) ** 0.5    # CholeskyQR2 is stable while cond(W) <= u^(-1/2)
     X = W.clone()

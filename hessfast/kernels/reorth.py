@@ -29,8 +29,8 @@ def _cgs2_cuda(Q, k, W, coeffs, norms):
     b, P = W.shape
     with torch.cuda.device(W.device):
         work = torch.empty(mod.workspace(k, b, P, Q.element_size()), dtype=W.dtype, device=W.device)
-        mod.cgs2(W.element_size(), Q.element_size(), Q.data_ptr(), Q.stride(0), k, W.data_ptr(), b, P, coeffs.data_ptr(),
-                 norms.data_ptr(), work.data_ptr(), stream_ptr(W))
+        mod.cgs2(W.element_size(), Q.element_size(), Q.data_ptr(), Q.stride(0), k, W.data_ptr(), b, P,
+                 coeffs.data_ptr(), norms.data_ptr(), work.data_ptr(), stream_ptr(W))
 
 
 def _cgs2_triton(Q, k, W, coeffs, norms):
