@@ -18,6 +18,11 @@ rows. Each CGS pass visits every tile once, projecting and subtracting while the
 (block classical Gram-Schmidt within a tile, modified between tiles), and the pass is done twice:
 two host-to-device transfers of the basis per step instead of the four passes of a plain CGS2.
 With a single tile this is exactly CGS2 (paper Appendix D).
+
+**bfloat16 basis.** ``basis_dtype=torch.bfloat16`` (float32 compute) stores the rows rounded, as
+the single-device basis does, which halves the memory per rank and the host-to-device traffic; each
+tile is widened to float32 on the compute device (in tiles of at most ``TILE_BYTES`` when the basis
+is in device memory, so the widened copy never doubles the basis).
 """
 from __future__ import annotations
 
@@ -91,8 +96,11 @@ class BasisPlan:
             if need > self.world_size:
                 opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
             opts.append(f"m <= {self.largest_m(self.free, self.world_size)} on this configuration")
-            opts.append("dtype=torch.float32 (half of float64)" if self.dtype == torch.float64 else
-                        "reorth='none' (three vectors; ghost eigenvalues appear)")
+            if self.dtype == torch.float64:
+                opts.append("dtype=torch.float32 (half of float64)")
+            elif self.dtype == torch.float32:
+                opts.append("basis_dtype=torch.bfloat16 (half of float32)")
+            opts.append("reorth='none' (three vectors; ghost eigenvalues appear)")
             lines.append("Options: " + "; ".join(opts) + ".")
         return " ".join(lines)
 
@@ -168,7 +176,8 @@ def project_out(Q: torch.Tensor, k: int, w: torch.Tensor, *, tile_rows: Optional
     """Remove from ``w`` its components on the first k stored rows of Q, twice; Q may be sharded.
 
     Args:
-        Q: (m+1, c) stored rows (this rank's slices when sharded), on any device.
+        Q: (m+1, c) stored rows (this rank's slices when sharded), on any device; of w's dtype, or
+            bfloat16 with a float32 w.
         k: rows in use. w: (c,) on the compute device, modified in place.
         tile_rows: rows per tile (None: all k at once, i.e. exactly CGS2).
         reduce: in-place sum over ranks of a small tensor (None: single process).
@@ -177,9 +186,12 @@ def project_out(Q: torch.Tensor, k: int, w: torch.Tensor, *, tile_rows: Optional
         (w, coeffs (k,) float64 = total projection coefficients, norm = |w| over all ranks).
     """
     rows = k if tile_rows is None else max(1, tile_rows)
+    if Q.dtype != w.dtype and tile_rows is None:  # widen at most TILE_BYTES of rows at a time
+        rows = max(1, min(k, TILE_BYTES // max(Q.shape[1] * w.element_size(), 1)))
     coeffs = torch.zeros(k, dtype=w.dtype, device=w.device)
     for _ in range(2):
         for t0, tile in _tiles(Q, k, rows, w.device):
+            tile = tile.to(w.dtype)  # a bfloat16 basis is widened on the compute device
             h = tile @ w
             if reduce is not None:
                 reduce(h)
@@ -198,12 +210,14 @@ class BasisLanczos:
     Called like :func:`hessfast.lanczos.lanczos_decomposition` without the matvec:
     ``run(q0, m, reorth="full", backend=..., step_callback=..., where=...) -> LanczosResult``;
     every rank returns the same alpha and beta. ``keep_basis=True`` returns this rank's slices
-    (k, c) of the basis, rows [rank*c, (rank+1)*c) of P.
+    (k, c) of the basis, rows [rank*c, (rank+1)*c) of P. With ``basis_dtype=torch.bfloat16`` each
+    vector is rounded once when stored and the rounded vector is the one multiplied next.
     """
 
     def __init__(self, op, m: int, *, shard: bool, basis_device: Any = None, tile_rows: Optional[int] = None,
-                 block_size: int = 1, announce: Optional[Callable[[str], None]] = None):
-        from .lanczos import BasisMemoryError
+                 block_size: int = 1, announce: Optional[Callable[[str], None]] = None,
+                 basis_dtype: Optional[torch.dtype] = None):
+        from .lanczos import BasisMemoryError, check_basis_dtype
 
         if block_size != 1:
             raise NotImplementedError("shard_basis / basis_device support single-vector Lanczos (block_size=1) "
@@ -213,7 +227,8 @@ class BasisLanczos:
         self.world_size = 1 if self.ctx is None else self.ctx.world_size
         self.rank = 0 if self.ctx is None else self.ctx.rank
         self.chunk = math.ceil(op.P / self.world_size)
-        self.plan = plan_basis(m, op.P, op.dtype, op.device, world_size=self.world_size,
+        self.basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
+        self.plan = plan_basis(m, op.P, self.basis_dtype, op.device, world_size=self.world_size,
                                basis_device=basis_device, block_size=block_size)
         if tile_rows is not None:
             self.plan.tile_rows = tile_rows
@@ -238,19 +253,20 @@ class BasisLanczos:
 
         op, ctx, c, P = self.op, self.ctx, self.chunk, self.op.P
         lo, hi = min(self.rank * c, P), min((self.rank + 1) * c, P)
-        dtype, device = op.dtype, op.device
+        dtype, device, qdtype = op.dtype, op.device, self.basis_dtype
         where_q = self.plan.where
         Q = None
         if where_q.type == "cpu" and device.type == "cuda":
             try:  # pinned pages make the tile copies asynchronous; pageable memory still works, slower
-                Q = torch.zeros((m + 1, c), dtype=dtype, pin_memory=True)
+                Q = torch.zeros((m + 1, c), dtype=qdtype, pin_memory=True)
             except RuntimeError:
                 Q = None
         if Q is None:
-            Q = torch.zeros((m + 1, c), dtype=dtype, device=where_q)
+            Q = torch.zeros((m + 1, c), dtype=qdtype, device=where_q)
         reduce = None if ctx is None else ctx.all_reduce_small
+        rounded = (lambda v: v) if qdtype == dtype else (lambda v: v.to(qdtype).to(dtype))  # noqa: E731
 
-        q_full = q0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(q0)
+        q_full = rounded(q0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(q0))
         Q[0, : hi - lo].copy_(q_full[lo:hi])
         rec = TridiagonalRecorder(m, dtype, breakdown_tol, step_callback, where)
         for j in range(m):
@@ -258,7 +274,7 @@ class BasisLanczos:
             w, coeffs, b = project_out(Q, j + 1, w, tile_rows=self.plan.tile_rows, reduce=reduce)
             if not rec.step(j, float(coeffs[j]), b):
                 break
-            w.div_(b)
+            w = rounded(w.div_(b))
             Q[j + 1].copy_(w)
             q_full = w if ctx is None else ctx.all_gather_vector(w, P)
         return rec.result(Q if keep_basis else None)

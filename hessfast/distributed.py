@@ -406,7 +406,7 @@ def basis_runner(op, m: int, *, reorth: str, block_size: int, shard_basis: Optio
         return None
     ctx = getattr(op, "_dist", None)
     if shard_basis is None and ctx is not None and block_size == 1:
-        plan = plan_basis(m, op.P, op.dtype, op.device)
+        plan = plan_basis(m, op.P, basis_dtype or op.dtype, op.device)
         big = op.P >= AUTO_SHARD_P or plan.bytes_per_rank > 0.5 * plan.device_free
         shard = bool(ctx.all_gather_small(torch.tensor([float(big)])).max())  # every rank decides alike
     else:
@@ -422,7 +422,7 @@ def basis_runner(op, m: int, *, reorth: str, block_size: int, shard_basis: Optio
     from ._sharded import BasisLanczos
 
     make = lambda: BasisLanczos(op, m, shard=shard, basis_device=basis_device, block_size=block_size,  # noqa: E731
-                                announce=announce)
+                                announce=announce, basis_dtype=basis_dtype)
     return make() if ctx is None else ctx.guard(make, "planning the Lanczos basis")
 
 

@@ -215,7 +215,7 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             basis then stays orthonormal to 1e-3..3e-3 after 100 steps (float32: 1e-6..2e-5) and Ritz
             values move by up to 6e-4 of lambda_max (2e-4 for P >= 1e5; bench/RESULTS.md, "bfloat16
             basis"): enough for densities and outliers, not for eigenvalues closer than that.
-            Not with a sharded or host-memory basis (shard_basis, basis_device).
+            Works with every basis placement (shard_basis, basis_device) and with block_size > 1.
 
     Returns:
         :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m).
@@ -248,17 +248,13 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
     if op._dist is not None and not op._dist.is_main:
         progress = False
     qdtype = check_basis_dtype(basis_dtype, op.dtype, reorth)
-    if qdtype != op.dtype:
-        if shard_basis or (basis_device is not None and torch.device(basis_device) != op.device):
-            raise ValueError("basis_dtype=torch.bfloat16 is supported for a basis on the operator's device "
-                             "(replicated when distributed); drop shard_basis/basis_device, or drop basis_dtype.")
-        shard_basis = False
     runner = _distributed.basis_runner(op, m, reorth=reorth, block_size=block_size, shard_basis=shard_basis,
                                        basis_device=basis_device, announce=tqdm.write if progress else None,
                                        basis_dtype=qdtype)
     if reorth == "full" and runner is None:
         check_basis_memory(m, P, qdtype, op.device, block_size)
-    decompose = runner if runner is not None else functools.partial(lanczos_decomposition, op.matvec)
+    decompose = runner if runner is not None else functools.partial(lanczos_decomposition, op.matvec,
+                                                                    basis_dtype=qdtype)
 
     bar = tqdm(total=num_probes * m, desc=f"hessfast: lanczos ({op.curvature})", unit="step",
                disable=None if progress is None else not progress, leave=False)
@@ -275,9 +271,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                 basis_dtype=None if qdtype == op.dtype else qdtype)
         else:
             for p in range(num_probes):
-                extra = {} if qdtype == op.dtype else {"basis_dtype": qdtype}
                 res = decompose(probes[p], m, reorth=reorth, backend=backend, step_callback=bar.update,
-                                where=f" of probe {p}", **extra)
+                                where=f" of probe {p}")
                 theta, w = res.ritz()
                 ritz[p, : res.steps] = theta
                 weights[p, : res.steps] = w

@@ -104,6 +104,11 @@ def _worker(rank, world, port, outdir):
     op = hessfast.HessianOperator(case.model, data)
     res = BasisLanczos(op, M, shard=True, tile_rows=4)(v, M)
     out["tiled"] = (res.alpha, res.beta)
+    # a sharded bfloat16 basis (float32 compute): each rank stores half the bytes of its slice
+    op32 = hessfast.HessianOperator(case.model, data, dtype=torch.float32)
+    run = BasisLanczos(op32, M, shard=True, basis_dtype=torch.bfloat16)
+    res = run(v.float(), M, keep_basis=True)
+    out["bf16"] = (res.ritz()[0], res.basis.dtype, run.plan.bytes_per_rank)
     # seed=None: rank 0 draws, every rank uses the same probes
     spec = hessfast.lanczos(case.model, data, m=10, seed=None, progress=False)
     out["noseed"] = ctx.all_gather_small(torch.as_tensor(spec.ritz_values[0]))
@@ -226,6 +231,17 @@ def test_tiled_sharded_basis_matches_in_memory(ranks):
         np.testing.assert_allclose(beta, ref.beta, rtol=0, atol=1e-10 * np.abs(ref.alpha).max())
 
 
+def test_sharded_bfloat16_basis_keeps_the_extremes(ranks):
+    world, outs = ranks
+    case = cases.mlp_case(n=40)
+    evals = torch.linalg.eigvalsh(cases.dense_hessian(case, "eval")).numpy()
+    for out in outs:
+        theta, dtype, nbytes = out["bf16"]
+        assert dtype == torch.bfloat16 and nbytes == (M + 1) * -(-75 // world) * 2
+        assert abs(theta.max() - evals[-1]) <= 1e-3 * evals[-1]
+        np.testing.assert_array_equal(theta, outs[0]["bf16"][0])   # every rank: the same Ritz values
+
+
 def test_seed_none_gives_one_spectrum_on_all_ranks(ranks):
     _, outs = ranks
     gathered = outs[0]["noseed"]
@@ -280,6 +296,34 @@ def test_host_memory_basis_matches_in_memory():
     np.testing.assert_array_equal(a.ritz_values, b.ritz_values)
 
 
+def test_host_memory_bfloat16_basis_in_tiles():
+    """basis_device with basis_dtype=bfloat16: half the bytes, orthonormal to the bf16 level, extremes
+    within 1e-3 of dense truth for every tiling, and lanczos() accepts the combination."""
+    case = cases.mlp_case()
+    evals = torch.linalg.eigvalsh(cases.dense_hessian(case, "eval")).numpy()
+    op = hessfast.HessianOperator(case.model, case.batch, dtype=torch.float32)
+    v = probe_vectors(1, op.P, 2, torch.float32, torch.device("cpu"))[0]
+    m = 40
+    for rows in (1, 7, None):
+        run = BasisLanczos(op, m, shard=False, basis_device="cpu", tile_rows=rows, basis_dtype=torch.bfloat16)
+        assert run.plan.bytes_per_rank == (m + 1) * op.P * 2
+        res = run(v, m, keep_basis=True)
+        Q = res.basis.double()
+        assert res.basis.dtype == torch.bfloat16
+        assert float((Q @ Q.T - torch.eye(m, dtype=torch.float64)).abs().max()) <= 1e-2
+        theta = res.ritz()[0]
+        assert abs(theta.max() - evals[-1]) <= 1e-3 * evals[-1], f"tile_rows={rows}"
+        assert abs(theta.min() - evals[0]) <= 1e-3 * evals[-1], f"tile_rows={rows}"
+    w = torch.randn(op.P)
+    Q16 = res.basis
+    w2, coeffs, norm = project_out(Q16, m, w.clone())           # tile_rows=None: widened in tiles
+    r2, rc, rn = cgs2_reference(Q16, m, w.view(1, -1))
+    torch.testing.assert_close(w2, r2[0], rtol=1e-5, atol=1e-6)
+    spec = hessfast.lanczos(case.model, case.batch, m=m, seed=4, dtype=torch.float32, basis_device="cpu",
+                            basis_dtype=torch.bfloat16, progress=False)
+    assert spec.meta["basis_dtype"] == "bfloat16"
+
+
 def test_one_tile_is_exactly_cgs2():
     g = torch.Generator().manual_seed(0)
     Q = torch.linalg.qr(torch.randn(101, 13, generator=g, dtype=torch.float64))[0].T.contiguous()
@@ -300,6 +344,10 @@ def test_host_basis_streams_to_cuda():
     ref = lanczos_decomposition(op.matvec, v, 30)
     res = BasisLanczos(op, 30, shard=False, basis_device="cpu", tile_rows=4)(v, 30)
     np.testing.assert_allclose(res.alpha, ref.alpha, rtol=0, atol=1e-10 * np.abs(ref.alpha).max())
+    op32 = hessfast.HessianOperator(model, (case.x.cuda(), case.y.cuda()), dtype=torch.float32)
+    half = BasisLanczos(op32, 30, shard=False, basis_device="cpu", tile_rows=4, basis_dtype=torch.bfloat16)
+    theta = half(v.float(), 30).ritz()[0]
+    assert abs(theta.max() - ref.ritz()[0].max()) <= 1e-3 * abs(ref.ritz()[0].max())
 
 
 def test_basis_plan_says_what_fits():
