@@ -64,6 +64,9 @@ def _orth_cuda(W, R):
 
     def apply_small(X, M):
         M = M.to(X.dtype).contiguous()
+        if b * b * size > 48 * 1024:  # the kernel stages M in 48 KiB of shared memory: b > 78 (f64), > 110 (f32)
+            X.copy_(M @ X)
+            return
         out = torch.empty_like(X)
         mod.apply_small(size, X.data_ptr(), b, P, M.data_ptr(), out.data_ptr(), stream_ptr(X))
         X.copy_(out)

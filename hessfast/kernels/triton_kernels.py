@@ -9,6 +9,8 @@ widened to the block's float32 on load.  On CPU tensors they run under TRITON_IN
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -81,7 +83,7 @@ def _apply_small_kernel(W, P, b, M, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr
 
 
 @triton.jit
-def _sqhvp_kernel(U, c, P, b, V, sum_u, part, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
+def _sqhvp_kernel(U, c, P, b, V, sum_u, part, u_stride, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr):
     # One pass over U (c, b, P): sum_u += sum_i U[i]; part[pid, 0, r] = sum_i |U[i, r]|^2 and
     # part[pid, 1, r] = sum_i V[r] . U[i, r] over this program's columns.
     pid = tl.program_id(0)
@@ -98,13 +100,18 @@ def _sqhvp_kernel(U, c, P, b, V, sum_u, part, BLOCK_B: tl.constexpr, BLOCK_P: tl
     up = U + rp
     for i in range(c):
         u = tl.load(up, mask=mask2, other=0.0)
-        up += b * P
+        up += u_stride  # U.stride(0) = b * P, typed int64 by Triton once it passes 2^31
         su += u
         sq += tl.sum(u * u, axis=1)
         vu += tl.sum(v * u, axis=1)
     tl.store(sum_u + rp, su, mask=mask2)
     tl.store(part + pid.to(tl.int64) * 2 * b + rows, sq, mask=rmask)
     tl.store(part + pid.to(tl.int64) * 2 * b + b + rows, vu, mask=rmask)
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device and stream: make them the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _blocks(b: int, P: int, budget: int = 4096):
@@ -122,24 +129,28 @@ def cgs2_triton(Q: torch.Tensor, k: int, W: torch.Tensor, coeffs: torch.Tensor, 
         coeffs.zero_()
         norms.copy_(torch.linalg.vector_norm(W, dim=1))
         return
-    part = torch.empty(n, k, b, dtype=W.dtype, device=W.device)
-    _dots_kernel[(n,)](Q, Q.stride(0), k, W, P, b, part, BLOCK_B=block_b, BLOCK_P=block_p)
-    h1 = part.sum(0)
-    _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h1, part, WITH_DOTS=True, BLOCK_B=block_b, BLOCK_P=block_p)
-    h2 = part.sum(0)
-    nsq = torch.empty(n, b, dtype=W.dtype, device=W.device)
-    _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h2, nsq, WITH_DOTS=False, BLOCK_B=block_b, BLOCK_P=block_p)
-    coeffs.copy_((h1 + h2).T)
-    norms.copy_(nsq.sum(0).sqrt())
+    with _on_device(W):
+        part = torch.empty(n, k, b, dtype=W.dtype, device=W.device)
+        _dots_kernel[(n,)](Q, Q.stride(0), k, W, P, b, part, BLOCK_B=block_b, BLOCK_P=block_p)
+        h1 = part.sum(0)
+        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h1, part, WITH_DOTS=True, BLOCK_B=block_b,
+                             BLOCK_P=block_p)
+        h2 = part.sum(0)
+        nsq = torch.empty(n, b, dtype=W.dtype, device=W.device)
+        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h2, nsq, WITH_DOTS=False, BLOCK_B=block_b,
+                             BLOCK_P=block_p)
+        coeffs.copy_((h1 + h2).T)
+        norms.copy_(nsq.sum(0).sqrt())
 
 
 def gram_triton(W: torch.Tensor) -> torch.Tensor:
     """G = W W^T (b, b) in float64, W (b, P) contiguous."""
     b, P = W.shape
     block_b, block_p, n = _blocks(b, P)
-    part = torch.empty(n, b, b, dtype=W.dtype, device=W.device)
-    _dots_kernel[(n,)](W, P, b, W, P, b, part, BLOCK_B=block_b, BLOCK_P=block_p)
-    G = part.double().sum(0)
+    with _on_device(W):
+        part = torch.empty(n, b, b, dtype=W.dtype, device=W.device)
+        _dots_kernel[(n,)](W, P, b, W, P, b, part, BLOCK_B=block_b, BLOCK_P=block_p)
+        G = part.double().sum(0)
     return (G + G.T) / 2
 
 
@@ -147,15 +158,17 @@ def apply_small_triton(W: torch.Tensor, M: torch.Tensor) -> None:
     """W <- M W in place for W (b, P) and M (b, b)."""
     b, P = W.shape
     block_b, block_p, n = _blocks(b, P)
-    _apply_small_kernel[(n,)](W, P, b, M.to(W.dtype).contiguous(), BLOCK_B=block_b, BLOCK_P=block_p)
+    with _on_device(W):
+        _apply_small_kernel[(n,)](W, P, b, M.to(W.dtype).contiguous(), BLOCK_B=block_b, BLOCK_P=block_p)
 
 
 def sqhvp_triton(U: torch.Tensor, V: torch.Tensor, sum_u: torch.Tensor, sum_sq: torch.Tensor, sum_vu: torch.Tensor):
     """Accumulate a chunk U (c, b, P) into sum_u (b, P) and the float64 sums sum_sq, sum_vu (b,)."""
     c, b, P = U.shape
     block_b, block_p, n = _blocks(b, P)
-    part = torch.empty(n, 2, b, dtype=U.dtype, device=U.device)
-    _sqhvp_kernel[(n,)](U, c, P, b, V, sum_u, part, BLOCK_B=block_b, BLOCK_P=block_p)
-    s = part.double().sum(0)
+    with _on_device(U):
+        part = torch.empty(n, 2, b, dtype=U.dtype, device=U.device)
+        _sqhvp_kernel[(n,)](U, c, P, b, V, sum_u, part, U.stride(0), BLOCK_B=block_b, BLOCK_P=block_p)
+        s = part.double().sum(0)
     sum_sq += s[0]
     sum_vu += s[1]
