@@ -124,33 +124,25 @@ class Prediction:
 
     def plot(self, path=None, ax=None, title: Optional[str] = None):
         """Figure 9 against batch size: measured batch ``lam_1`` (mean +- std), full ``lam_1``, Theorems 4 and 7."""
-        from ._plotting import pyplot
+        from ._plotting import figure_axes
 
-        plt = pyplot()
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(6, 4))
-        B = np.array([r["B"] for r in self.rows], dtype=float)
-        mean = np.array([r["batch_mean"] for r in self.rows])
-        std = np.array([r["batch_std"] for r in self.rows])
-        ax.errorbar(B, mean, yerr=std, fmt="o-", capsize=3, label=r"batch $\lambda_1$ (mean $\pm$ std)")
-        ax.fill_between(B, mean - std, mean + std, alpha=0.15)
-        ax.axhline(self.lam_max, color="k", ls="--", lw=1, label=r"full-data $\lambda_1$")
-        ax.plot(B, [r["theorem4"] for r in self.rows], "s--", label="Theorem 4")
-        if self.rows and self.rows[0]["theorem7"] is not None:
-            ax.plot(B, [r["theorem7"] for r in self.rows], "^--", label="Theorem 7")
-        ax.set_xscale("log")
-        ax.set_xticks(B, [str(int(b)) for b in B])  # the measured batch sizes, not 10^k sub-ticks
-        ax.minorticks_off()
-        ax.set_xlabel("batch size B")
-        ax.set_ylabel(r"$\lambda_1$")
-        ax.set_title(title or f"{self.curvature}: batch vs full top eigenvalue (P={self.P:,}, N={self.N:,})")
-        ax.legend(fontsize=8)
-        if own:
-            fig.tight_layout()
-            if path is not None:
-                fig.savefig(path, dpi=120)
-            plt.close(fig)
+        with figure_axes(ax, path) as ax:
+            B = np.array([r["B"] for r in self.rows], dtype=float)
+            mean = np.array([r["batch_mean"] for r in self.rows])
+            std = np.array([r["batch_std"] for r in self.rows])
+            ax.errorbar(B, mean, yerr=std, fmt="o-", capsize=3, label=r"batch $\lambda_1$ (mean $\pm$ std)")
+            ax.fill_between(B, mean - std, mean + std, alpha=0.15)
+            ax.axhline(self.lam_max, color="k", ls="--", lw=1, label=r"full-data $\lambda_1$")
+            ax.plot(B, [r["theorem4"] for r in self.rows], "s--", label="Theorem 4")
+            if self.rows and self.rows[0]["theorem7"] is not None:
+                ax.plot(B, [r["theorem7"] for r in self.rows], "^--", label="Theorem 7")
+            ax.set_xscale("log")
+            ax.set_xticks(B, [str(int(b)) for b in B])  # the measured batch sizes, not 10^k sub-ticks
+            ax.minorticks_off()
+            ax.set_xlabel("batch size B")
+            ax.set_ylabel(r"$\lambda_1$")
+            ax.set_title(title or f"{self.curvature}: batch vs full top eigenvalue (P={self.P:,}, N={self.N:,})")
+            ax.legend(fontsize=8)
         return ax
 
 

@@ -205,27 +205,19 @@ class Spectrum:
 
     def plot(self, path=None, ax=None, sigma: Optional[float] = None, title: Optional[str] = None):
         """Spectral density with a log-scale y axis, like the paper's figures; saved to ``path`` (PNG)."""
-        from ._plotting import pyplot
+        from ._plotting import figure_axes
 
-        plt = pyplot()
-        own = ax is None
-        if own:
-            fig, ax = plt.subplots(figsize=(6, 4))
-        span = self.lambda_max - self.lambda_min
-        grid = np.linspace(self.lambda_min - 0.05 * span, self.lambda_max + 0.05 * span, 2000)
-        dens = self.density(grid, sigma)
-        ax.semilogy(grid, np.maximum(dens, 1e-12), lw=1.2, label="smoothed density")
-        theta = self.ritz_values[~np.isnan(self.ritz_values)]
-        w = self.weights[~np.isnan(self.ritz_values)] / self.num_probes
-        ax.vlines(theta, 1e-12, np.maximum(w, 1e-12), colors="C3", lw=0.6, alpha=0.6, label="Ritz weights")
-        ax.set_ylim(bottom=max(1e-8, 0.1 / (self.P or 1e8)))
-        ax.set_xlabel(r"$\lambda$")
-        ax.set_ylabel(r"$p(\lambda)$")
-        ax.set_title(title or f"{self.meta.get('curvature', '')} spectrum, P={self.P}, m={self.m}")
-        ax.legend(loc="upper right", fontsize=8)
-        if own:
-            fig.tight_layout()
-            if path is not None:
-                fig.savefig(path, dpi=120)
-            plt.close(fig)
+        with figure_axes(ax, path) as ax:
+            span = self.lambda_max - self.lambda_min
+            grid = np.linspace(self.lambda_min - 0.05 * span, self.lambda_max + 0.05 * span, 2000)
+            dens = self.density(grid, sigma)
+            ax.semilogy(grid, np.maximum(dens, 1e-12), lw=1.2, label="smoothed density")
+            theta = self.ritz_values[~np.isnan(self.ritz_values)]
+            w = self.weights[~np.isnan(self.ritz_values)] / self.num_probes
+            ax.vlines(theta, 1e-12, np.maximum(w, 1e-12), colors="C3", lw=0.6, alpha=0.6, label="Ritz weights")
+            ax.set_ylim(bottom=max(1e-8, 0.1 / (self.P or 1e8)))
+            ax.set_xlabel(r"$\lambda$")
+            ax.set_ylabel(r"$p(\lambda)$")
+            ax.set_title(title or f"{self.meta.get('curvature', '')} spectrum, P={self.P}, m={self.m}")
+            ax.legend(loc="upper right", fontsize=8)
         return ax

@@ -110,9 +110,7 @@ void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* co
           int num_threads) {
   const int64_t tile2 = tile_columns_fused(k, b, sizeof(TQ));
   const int64_t tile = tile_columns_stream(b, sizeof(T));
-  // Small problems are not worth waking threads for.
-  int nt = (k + 1) * b * P < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
+  const int nt = threads_for((k + 1) * b * P, num_threads, P);
   const int64_t kb = k * b;
   const int64_t stride = ((std::max<int64_t>(kb, b) + 7) / 8 + 1) * 8;  // own cache lines
   std::vector<double> part(size_t(nt) * size_t(stride));

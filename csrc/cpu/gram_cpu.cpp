@@ -1,8 +1,6 @@
 // Building blocks of CholeskyQR2 on the CPU: the Gram matrix of a block and the in-place product
 // with a small matrix (fused with the next Gram matrix).  The Cholesky factorisations of the b x b
 // matrices and the MGS fallback are done by the caller (csrc/cpu_module.cpp).
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -13,11 +11,6 @@ namespace hessfast {
 namespace cpu {
 namespace {
 constexpr int64_t kTile = 512;
-
-int threads_for(int64_t work, int num_threads, int64_t P) {
-  int nt = work < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
-  return int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
-}
 
 // acc[i * b + j] += W[i, tile] . W[j, tile] for j <= i
 template <typename T>
@@ -41,17 +34,11 @@ template <typename T>
 void gram(const T* W, int64_t b, int64_t P, double* G, int num_threads) {
   const int nt = threads_for(b * b * P, num_threads, P);
   std::vector<double> part(size_t(nt) * b * b, 0.0);
-  int nth_used = 1;
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (t == 0) nth_used = nth;
-    int64_t c0, c1;
-    column_range(P, t, nth, &c0, &c1);
+  const int used = for_column_ranges(nt, P, [&](int t, int64_t c0, int64_t c1) {
     for (int64_t p = c0; p < c1; p += kTile)
       tile_gram<T>(W, b, P, p, std::min(kTile, c1 - p), part.data() + size_t(t) * b * b);
-  }
-  symmetrise_reduce<T>(part, nth_used, b, G);
+  });
+  symmetrise_reduce<T>(part, used, b, G);
 }
 
 template <typename T>
@@ -59,13 +46,7 @@ void apply_small(T* W, int64_t b, int64_t P, const double* M, double* G, int num
   const int nt = threads_for(b * b * P, num_threads, P);
   std::vector<double> part(size_t(nt) * b * b, 0.0);
   std::vector<T> Mt(M, M + b * b);
-  int nth_used = 1;
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (t == 0) nth_used = nth;
-    int64_t c0, c1;
-    column_range(P, t, nth, &c0, &c1);
+  const int used = for_column_ranges(nt, P, [&](int t, int64_t c0, int64_t c1) {
     std::vector<T> buf(size_t(b) * kTile);
     for (int64_t p = c0; p < c1; p += kTile) {
       const int64_t n = std::min(kTile, c1 - p);
@@ -78,8 +59,8 @@ void apply_small(T* W, int64_t b, int64_t P, const double* M, double* G, int num
       for (int64_t i = 0; i < b; ++i) std::copy(buf.data() + i * kTile, buf.data() + i * kTile + n, W + i * P + p);
       if (G) tile_gram<T>(W, b, P, p, n, part.data() + size_t(t) * b * b);
     }
-  }
-  if (G) symmetrise_reduce<T>(part, nth_used, b, G);
+  });
+  if (G) symmetrise_reduce<T>(part, used, b, G);
 }
 
 template void gram<float>(const float*, int64_t, int64_t, double*, int);

@@ -2,6 +2,8 @@
 // The Python front (hessfast/kernels) checks shapes, dtypes and contiguity before calling them;
 // csrc/cpu_module.cpp checks them again at the pybind11 boundary.
 #pragma once
+#include <omp.h>
+
 #include <algorithm>
 #include <cstdint>
 
@@ -14,6 +16,29 @@ inline void column_range(int64_t P, int t, int nth, int64_t* c0, int64_t* c1) {
   const int64_t per = ((P + nth - 1) / nth + 15) & ~int64_t(15);
   *c0 = std::min<int64_t>(P, t * per);
   *c1 = std::min<int64_t>(P, *c0 + per);
+}
+
+// Threads worth waking for `work` multiply-adds over P columns: one below 2^16, else up to
+// num_threads, with at least 64 columns each.
+inline int threads_for(int64_t work, int num_threads, int64_t P) {
+  const int nt = work < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
+  return int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
+}
+
+// Runs f(t, c0, c1) on up to nt OpenMP threads, thread t owning columns [c0, c1) of P (see
+// column_range); returns the number of threads that ran, i.e. how many partial results to reduce.
+template <typename F>
+int for_column_ranges(int nt, int64_t P, F&& f) {
+  int used = 1;
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (t == 0) used = nth;
+    int64_t c0, c1;
+    column_range(P, t, nth, &c0, &c1);
+    f(t, c0, c1);
+  }
+  return used;
 }
 
 // Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D / issue 3, in three passes

@@ -1,8 +1,6 @@
 // Streamed per-sample squared-HVP accumulation on the CPU: one pass over the chunk U.
 // Each thread owns a slice of columns of sum_u, so its updates need no synchronisation; the
 // scalar sums are reduced from per-thread partials in a fixed order.
-#include <omp.h>
-
 #include <algorithm>
 #include <vector>
 
@@ -16,16 +14,9 @@ template <typename T>
 void sqhvp(const T* U, int64_t c, int64_t b, int64_t P, const T* V, T* sum_u, double* sum_sq,
            double* sum_vu, int num_threads) {
   constexpr int64_t kTile = 1024;
-  int nt = c * b * P < (int64_t(1) << 16) ? 1 : std::max(num_threads, 1);
-  nt = int(std::min<int64_t>(nt, std::max<int64_t>(P / 64, 1)));
+  const int nt = threads_for(c * b * P, num_threads, P);
   std::vector<double> part(size_t(nt) * 2 * b, 0.0);
-  int nth_used = 1;
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-    if (t == 0) nth_used = nth;
-    int64_t c0, c1;
-    column_range(P, t, nth, &c0, &c1);
+  const int used = for_column_ranges(nt, P, [&](int t, int64_t c0, int64_t c1) {
     double* my = part.data() + size_t(t) * 2 * b;
     for (int64_t r = 0; r < b; ++r)
       for (int64_t p = c0; p < c1; p += kTile) {
@@ -34,9 +25,9 @@ void sqhvp(const T* U, int64_t c, int64_t b, int64_t P, const T* V, T* sum_u, do
           sqhvp_tile<T>(U + (i * b + r) * P + p, V + r * P + p, sum_u + r * P + p, n, my + r,
                         my + b + r);
       }
-  }
+  });
   for (int64_t r = 0; r < b; ++r)
-    for (int t = 0; t < nth_used; ++t) {
+    for (int t = 0; t < used; ++t) {
       sum_sq[r] += part[size_t(t) * 2 * b + r];
       sum_vu[r] += part[size_t(t) * 2 * b + b + r];
     }
