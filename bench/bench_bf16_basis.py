@@ -25,7 +25,7 @@ import torch
 
 from _common import Recorder  # noqa: I001 (puts the source tree on sys.path)
 
-from hessfast.lanczos import lanczos_decomposition
+from hessfast.engine import lanczos_decomposition
 
 DTYPES = (("float64", torch.float64, None), ("float32", torch.float32, None),
           ("bfloat16", torch.float32, torch.bfloat16))

@@ -30,7 +30,7 @@ from _common import Recorder, timeit  # noqa: I001 -- first: puts the source tre
 
 import hessfast
 from hessfast import distributed as hd
-from hessfast._sharded import project_out
+from hessfast.engine.sharded import project_out
 
 
 def make_workload(width: int, n: int, seed: int = 0):

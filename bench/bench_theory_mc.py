@@ -14,7 +14,7 @@ import platform
 
 import numpy as np
 
-from hessfast import _rmt_sim as sim
+from hessfast import rmt_sim as sim
 from hessfast import theory as T
 
 

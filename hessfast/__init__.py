@@ -5,13 +5,14 @@ model, the Hessian variance and the random-matrix predictions of how mini-batchi
 spectrum (Granziol, Zohren, Roberts: "Learning Rates as a Function of Batch Size").
 """
 from ._version import __version__
-from .lanczos import BasisMemoryError, LanczosResult, NonFiniteError, lanczos, lanczos_decomposition
+from .engine import BasisMemoryError, LanczosResult, NonFiniteError, lanczos_decomposition
+from .slq import lanczos
 from .operators import CurvatureOperator, GGNOperator, HessianOperator
 from .spectrum import Degeneracy, Spectrum
 from . import theory
 from .theory import scale_lr
 from .variance import HessianVariance, hessian_variance
-from .predict import Prediction, predict
+from .prediction import Prediction, predict
 from .tuner import CurvatureTuner
 
 

@@ -1,6 +1,6 @@
 """``python -m hessfast`` is the ``hessfast`` command."""
 import sys
 
-from .cli import main
+from .harness.cli import main
 
 sys.exit(main())

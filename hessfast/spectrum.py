@@ -205,7 +205,7 @@ class Spectrum:
 
     def plot(self, path=None, ax=None, sigma: Optional[float] = None, title: Optional[str] = None):
         """Spectral density with a log-scale y axis, like the paper's figures; saved to ``path`` (PNG)."""
-        from ._plotting import figure_axes
+        from .utils.plotting import figure_axes
 
         with figure_axes(ax, path) as ax:
             span = self.lambda_max - self.lambda_min

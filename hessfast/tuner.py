@@ -79,7 +79,7 @@ class CurvatureTuner:
 
     def update(self, batch) -> Tuple[float, float]:
         """Lanczos on the batch Hessian of ``batch``, then set and return ``(lr, momentum)``."""
-        from .lanczos import lanczos
+        from .slq import lanczos
 
         kwargs = {} if self.loss_fn is None else {"loss_fn": self.loss_fn}
         spec = lanczos(self.model, batch, m=self.m, curvature=self.curvature, seed=self.seed + self.updates,

@@ -35,13 +35,15 @@ from torch import nn
 from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
-from . import _data, _ghost
-from .distributed import _is_empty, all_reduce_state
-from .distributed import context as _dist_context
-from ._guard import curvature_mode
+from . import distributed as _distributed
 from ._version import __version__
-from .lanczos import probe_vectors
-from .operators import CurvatureOperator, _available_memory, _sum_scale
+from .engine.lanczos import probe_vectors
+from .operators import CurvatureOperator, ghost as _ghost, sum_scale
+from .utils import data as _data
+from .utils.data import is_empty
+from .utils.memory import available_memory
+from .utils.model_state import curvature_mode
+from .utils.serialization import jsonable
 
 ROUTES = ("auto", "vmap", "ghost", "loop")
 
@@ -83,7 +85,7 @@ class HessianVariance:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["per_probe"] = {k: np.asarray(v).tolist() for k, v in self.per_probe.items()}
-        return _jsonable(d)
+        return jsonable(d)
 
     def __repr__(self) -> str:
         sub = f" of {self.N_total:,}" if self.N != self.N_total else ""
@@ -95,18 +97,6 @@ class HessianVariance:
             f"  Algorithm 1 (with 1/N) = {self.algorithm1:.6g} +- {self.algorithm1_stderr:.2g}",
             f"  time = {self.meta.get('elapsed', float('nan')):.2f} s",
         ])
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return None if not math.isfinite(float(x)) else float(x)
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
 
 
 # ---------------------------------------------------------------------------------- the streamed sums
@@ -148,7 +138,7 @@ class _VarianceOperator(CurvatureOperator):
     def _sample_loss(self, params: tuple, x: Any, y: torch.Tensor) -> torch.Tensor:
         """Loss of one sample (inputs without the batch dimension, as vmap passes them)."""
         x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
-        return self.loss_fn(self._forward(params, x1), y.unsqueeze(0)) * _sum_scale(self.loss_fn, 1)
+        return self.loss_fn(self._forward(params, x1), y.unsqueeze(0)) * sum_scale(self.loss_fn, 1)
 
     def _sample_product(self, params: tuple, x: Any, y: torch.Tensor, v: tuple, reverse: bool) -> tuple:
         """C_i v for one sample i and one probe v (parameter-shaped tuples)."""
@@ -160,7 +150,7 @@ class _VarianceOperator(CurvatureOperator):
         x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
         f = lambda p: self._forward(p, x1)  # noqa: E731
         out, u = jvp(f, (params,), (v,))
-        loss = lambda o: self.loss_fn(o, y.unsqueeze(0)) * _sum_scale(self.loss_fn, 1)  # noqa: E731
+        loss = lambda o: self.loss_fn(o, y.unsqueeze(0)) * sum_scale(self.loss_fn, 1)  # noqa: E731
         if reverse:
             q = vjp(grad(loss), out)[1](u)[0]
         else:
@@ -310,7 +300,7 @@ def _auto_chunk(R: int, P: int, dtype: torch.dtype, device: torch.device) -> int
     On CPU also at most ``_CPU_CHUNK_BYTES`` of products, where the route is fastest.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = min(2 ** 30, _available_memory(device) // 8)
+    budget = min(2 ** 30, available_memory(device) // 8)
     chunk = max(1, int(budget // (6 * R * P * itemsize)))
     if device.type == "cpu":
         chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // (R * P * itemsize)))
@@ -392,7 +382,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}.")
     if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
-    ctx = _dist_context(distributed)
+    ctx = _distributed.context(distributed)
     # distributed=False: the operator builds nothing (N is counted while streaming); ctx does the collectives
     op = _VarianceOperator(model, data, curvature=curvature, loss_fn=loss_fn,
                            bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype, hvp_mode="forward",
@@ -427,7 +417,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
                       "streaming its samples for the Hessian variance")
             dist_meta["rank_samples"] = [int(c) for c in ctx.all_gather_small(
                 torch.tensor([float(sums.acc.count)], dtype=torch.float64))[:, 0].tolist()]
-            all_reduce_state(sums.acc, ctx)
+            _distributed.all_reduce_state(sums.acc, ctx)
             if sums.acc.count == 0:
                 raise ValueError(f"every rank's data shard is empty (world size {ctx.world_size}); "
                                  "there are no samples to average over.")
@@ -475,7 +465,7 @@ def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Opti
     state = {}
 
     def local():
-        empty = _is_empty(op._data, op._single)
+        empty = is_empty(op._data, op._single)
         state["empty"] = empty
         n_local = 0
         if max_samples is not None and not empty:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hessfast.cli import main
+from hessfast.harness.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 
 import hessfast
 from hessfast import distributed as hd
-from hessfast._sharded import BasisLanczos, plan_basis, project_out
+from hessfast.engine.sharded import BasisLanczos, project_out
+from hessfast.utils.memory import plan_basis
 from hessfast.kernels import SquaredHVPAccumulator
 from hessfast.kernels.reference import cgs2_reference
-from hessfast.lanczos import BasisMemoryError, lanczos_decomposition, probe_vectors
+from hessfast.engine import BasisMemoryError, lanczos_decomposition, probe_vectors
 
 import cases
 

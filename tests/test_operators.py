@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import hessfast
-from hessfast._guard import snapshot
+from hessfast.utils.model_state import snapshot
 
 import cases
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hessfast import theory
-from hessfast._guard import snapshot
-from hessfast.predict import Prediction, jacobian_entry_variance, predict
+from hessfast.utils.model_state import snapshot
+from hessfast.prediction import Prediction, jacobian_entry_variance, predict
 
 import cases
 from test_operators import assert_model_unchanged

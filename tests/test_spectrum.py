@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import hessfast
-from hessfast.lanczos import lanczos_decomposition
+from hessfast.engine import lanczos_decomposition
 
 import torch
 

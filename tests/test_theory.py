@@ -1,6 +1,6 @@
 """hessfast.theory against Monte-Carlo simulations of the random-matrix models it assumes.
 
-Each closed form is compared with seeded draws of exactly its model (``hessfast._rmt_sim``), on both
+Each closed form is compared with seeded draws of exactly its model (``hessfast.rmt_sim``), on both
 sides of every threshold. Tolerances come from the known finite-size behaviour, written beside each:
 
 * an outlier eigenvalue or eigenvector overlap fluctuates like a Gaussian with standard deviation
@@ -15,7 +15,7 @@ seeded run passes with a wide margin while the discrepancies the paper's printed
 import numpy as np
 import pytest
 
-from hessfast import _rmt_sim as sim
+from hessfast import rmt_sim as sim
 from hessfast import theory as T
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hessfast._guard import snapshot
+from hessfast.utils.model_state import snapshot
 from hessfast.variance import HessianVariance, hessian_variance
 
 import cases
@@ -145,7 +145,7 @@ def test_ghost_norms_equal_vmap_and_loop(name, curvature):
 
 
 def test_ggn_double_vjp_fallback_matches_forward_mode():
-    from hessfast import _ghost
+    from hessfast.operators import ghost as _ghost
     from hessfast.variance import _probes, _VarianceOperator
 
     case = cases.cnn_case()
@@ -164,7 +164,7 @@ def test_ggn_double_vjp_fallback_matches_forward_mode():
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "reused"])
 def test_ghost_hessian_probes_batched_in_one_backward_equal_the_loop(name):
-    from hessfast import _ghost
+    from hessfast.operators import ghost as _ghost
     from hessfast.variance import _probes, _VarianceOperator
 
     case = reused_case() if name == "reused" else cases.ALL[name]()
@@ -213,7 +213,7 @@ def test_rechunk_merges_splits_and_passes_on_batches_that_cannot_be_concatenated
 
 
 def test_auto_chunk_sizes():
-    from hessfast import _ghost
+    from hessfast.operators import ghost as _ghost
     from hessfast.variance import _CPU_CHUNK_BYTES, _auto_chunk, _VarianceOperator
 
     P = 26_122

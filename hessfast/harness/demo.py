@@ -41,7 +41,7 @@ def run_demo(out: str | Path = "hessfast_out", *, epochs: int = 5, batch_sizes: 
          f"train error {final['train_err']:.3f}, validation error {final['val_err']:.3f}")
 
     loader = full_loader(data)
-    from hessfast.predict import predict
+    from hessfast import predict
 
     result: Dict[str, Any] = {"N": data.n_train, "epochs": epochs, "final": final, "curvatures": {}}
     spectra_full, spectra_batch, preds = {}, {}, {}
@@ -86,7 +86,7 @@ def _plots(out: Path, full, batch, result, ref_batch):
     for c in full:
         plots.densities({"full data (N=%d)" % result["N"]: full[c], f"one batch (B={ref_batch})": batch[c]},
                         out / f"spectrum_{c}.png", title=f"{c}: full-data vs batch spectrum")
-    from hessfast._plotting import pyplot
+    from hessfast.utils.plotting import pyplot
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

@@ -30,7 +30,7 @@ def snapshot(model: nn.Module, data: DataBundle, *, curvature: str = "hessian", 
              num_batches: int = 10, m: int = 50, variance_probes: int = 4, variance_samples: Optional[int] = None,
              seed: int = 0, device: torch.device | str = "cpu", max_samples: Optional[int] = None) -> Dict[str, Any]:
     """Full vs batch lambda_1, the variance and Theorem 4 (and 7 for the GGN) predictions, as one record."""
-    from hessfast.predict import predict
+    from hessfast import predict
 
     loader = full_loader(data, device=device, max_samples=max_samples)
     N = sum(int(b[1].shape[0]) for b in loader)

@@ -8,7 +8,7 @@ import numpy as np
 
 
 def _plt():
-    from hessfast._plotting import pyplot
+    from hessfast.utils.plotting import pyplot
 
     return pyplot()
 

@@ -22,39 +22,13 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-
-def _jsonable(x: Any) -> Any:
-    """Plain JSON types; non-finite floats become the strings 'nan', 'inf', '-inf'."""
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return _jsonable(x.tolist())
-    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy scalars and arrays
-        return _jsonable(x.tolist())
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "nan"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return x
-    if isinstance(x, (int, str, bool)) or x is None:
-        return x
-    return str(x)
-
-
-def to_float(x: Any) -> float:
-    """Inverse of :func:`_jsonable` for one number."""
-    if isinstance(x, str):
-        return float(x)
-    return float("nan") if x is None else float(x)
+from hessfast.utils.serialization import jsonable
 
 
 def write_json(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -68,7 +42,7 @@ class Run:
     def __init__(self, path: os.PathLike, config: Dict[str, Any], *, overwrite: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        self.config = _jsonable(config)
+        self.config = jsonable(config)
         cfg_file = self.path / "config.json"
         if cfg_file.exists() and not overwrite:
             old = read_json(cfg_file)
@@ -90,7 +64,7 @@ class Run:
     def log(self, **record: Any) -> None:
         """Append one record and flush it to disk."""
         with open(self.metrics_file, "a") as f:
-            f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            f.write(json.dumps(jsonable(record), sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
 

@@ -70,7 +70,7 @@ def run(folder: Path, params: Dict[str, Any], *, seed: int = 0, progress: bool =
 
 
 def _lr_mom_plot(lr_traj, mom_traj, path):
-    from hessfast._plotting import pyplot
+    from hessfast.utils.plotting import pyplot
 
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

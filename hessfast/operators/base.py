@@ -18,7 +18,6 @@ The model is evaluated functionally on copies of its parameters and never modifi
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Iterator
 from typing import Any, Callable, Optional
@@ -28,9 +27,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from . import _data
-from .distributed import context as _dist_context
-from ._guard import check_bn_mode, curvature_mode, model_device, trainable_parameters
+from .. import distributed as _distributed
+from ..utils import data as _data
+from ..utils.memory import available_memory
+from ..utils.model_state import check_bn_mode, curvature_mode, model_device, trainable_parameters
 
 CURVATURES = ("hessian", "ggn")
 HVP_MODES = ("auto", "reverse", "forward")
@@ -42,22 +42,7 @@ def check_curvature(curvature: str) -> str:
     return curvature
 
 
-def _available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device`` (best effort)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-
-
-def _sum_scale(loss_fn: Callable, batch_size: int) -> float:
+def sum_scale(loss_fn: Callable, batch_size: int) -> float:
     """Factor turning ``loss_fn``'s value on a batch into the batch's *sum* of per-sample losses."""
     reduction = getattr(loss_fn, "reduction", "mean")
     if reduction == "mean":
@@ -129,7 +114,7 @@ class CurvatureOperator:
         self._cache = None
         self._vmap_ok = True
         self.N = 0
-        self._dist = _dist_context(distributed)
+        self._dist = _distributed.context(distributed)
         if self._dist is None:
             self._build(cache_graph, hvp_mode)
         else:
@@ -145,7 +130,7 @@ class CurvatureOperator:
         """Sum of the per-sample losses of one batch (the caller divides the total by N)."""
         inputs, targets = batch
         out = self._forward(params, inputs)
-        return self.loss_fn(out, targets) * _sum_scale(self.loss_fn, _data.batch_size(batch))
+        return self.loss_fn(out, targets) * sum_scale(self.loss_fn, _data.batch_size(batch))
 
     def _batches(self):
         for i, batch in enumerate(_data.iter_batches(self._data)):
@@ -165,7 +150,7 @@ class CurvatureOperator:
         inputs, targets = batch
         out = self._forward(params, inputs)
         out_d = out.detach().requires_grad_(True)
-        loss = self.loss_fn(out_d, targets) * _sum_scale(self.loss_fn, _data.batch_size(batch))
+        loss = self.loss_fn(out_d, targets) * sum_scale(self.loss_fn, _data.batch_size(batch))
         (grad_out,) = torch.autograd.grad(loss, out_d, create_graph=True)
         # Double-vjp trick: jtu = J^T u is linear in u, so d(jtu)/du^T v = J v without forward mode.
         u = torch.zeros_like(out, requires_grad=True)
@@ -216,7 +201,7 @@ class CurvatureOperator:
             graph, nbytes = self._saved_bytes(first, leaves)
             n_batches = 1 if self._single else (len(self._data) if hasattr(self._data, "__len__") else None)
             estimate = nbytes * (n_batches or 1)
-            fits = estimate <= 0.5 * _available_memory(self.device)
+            fits = estimate <= 0.5 * available_memory(self.device)
             self.graph_bytes_estimate = estimate
             self.cached = hvp_mode != "forward" and (cache_graph is True or (cache_graph == "auto" and fits))
             graphs = [graph] if self.cached else None
@@ -288,7 +273,7 @@ class CurvatureOperator:
             grad_fn = torch.func.grad(lambda p: self._batch_loss(p, batch))
             return torch.func.jvp(grad_fn, (params,), (v,))[1]
         inputs, targets = batch
-        scale = _sum_scale(self.loss_fn, _data.batch_size(batch))
+        scale = sum_scale(self.loss_fn, _data.batch_size(batch))
         out, jv = torch.func.jvp(lambda p: self._forward(p, inputs), (params,), (v,))
         grad_out = torch.func.grad(lambda o: self.loss_fn(o, targets) * scale)
         _, hjv = torch.func.jvp(grad_out, (out.detach(),), (jv,))

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .kernels import orthonormalize, reorthogonalize
+from ..kernels import orthonormalize, reorthogonalize
 from .lanczos import check_basis_dtype
 
 __all__ = ["block_lanczos", "block_lanczos_spectrum"]

@@ -1,27 +1,4 @@
-"""Data-parallel curvature on ``torch.distributed``: each rank's data is its shard of the sum.
-
-The empirical curvature is a mean over all N samples (eq. 2 of the paper), so with the data split
-over R ranks (N_r samples on rank r, N = sum_r N_r, any N_r >= 0)
-
-    H v = (1/N) sum_r S_r(v),        S_r(v) = sum_{i in shard r} H_i v   (a rank's *local sum*)
-
-and one all-reduce of S_r(v) per product makes every rank hold the same exact mean, whatever the
-shard sizes. :class:`DistContext` wraps the process group and performs every collective that
-hessfast needs, each one carrying an error flag: a rank whose local work raised contributes its
-flag instead of a result, the flag reaches every rank through the same collective, and all ranks
-raise with the failing rank's message (:class:`RankFailedError`) instead of waiting for a peer that
-will never come.
-
-Entry points:
-    ``init_from_env()``     under ``torchrun``: initialise the default group (NCCL on GPUs, gloo on CPUs).
-    ``context(distributed)`` the :class:`DistContext` for ``distributed=None|False|True|ProcessGroup``.
-    ``shard_dataset(ds)``   the contiguous, unpadded slice of a dataset that belongs to this rank
-                            (``shard_tensors(x, y)`` for tensors).
-    ``all_reduce_state(s)`` sum a mergeable accumulation state (e.g. the Hessian-variance sums) over ranks.
-    ``plan_basis(m, P, ...)`` where the Lanczos basis goes and whether it fits, before allocating.
-
-The sharded and host-memory Lanczos bases live in :mod:`hessfast._sharded`.
-"""
+"""The process-group wrapper and the flagged collectives (see :mod:`hessfast.distributed`)."""
 from __future__ import annotations
 
 import datetime
@@ -32,10 +9,9 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ._sharded import BasisPlan, plan_basis  # noqa: F401 -- public here: what fits, before allocating
+from ..utils.data import is_empty
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
-AUTO_SHARD_P = 1_000_000  # shard_basis=None shards the basis from this many parameters up
 
 
 class RankFailedError(RuntimeError):
@@ -312,7 +288,7 @@ class DistContext:
         empty = [False]
 
         def local():
-            empty[0] = _is_empty(op._data, op._single)
+            empty[0] = is_empty(op._data, op._single)
             if empty[0]:
                 op.N, op._cache, op.cached, op.graph_bytes_estimate = 0, None, False, 0
                 op.hvp_mode = "reverse" if hvp_mode == "auto" else hvp_mode
@@ -328,20 +304,6 @@ class DistContext:
         self.check_agreement(rows, P_col=1, same={(2, 4): "the model's weights (sum and sum of squares of the "
                                                             "parameters)"}, empty_col=4)
         op.N_local, op.N, op.rank_counts = op.N, sum(counts), counts
-
-
-def _is_empty(data: Any, single: bool) -> bool:
-    """True if ``data`` yields no batch, or is one batch of zero samples."""
-    if single:  # e.g. shard_tensors(x, y) with fewer samples than ranks
-        targets = data[1]
-        return targets.dim() > 0 and targets.shape[0] == 0
-    try:
-        return len(data) == 0
-    except TypeError:
-        pass
-    for _ in data:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------- accumulation states
@@ -389,54 +351,3 @@ def all_reduce_state(state, distributed: Any = None):
             t = ctx.all_reduce_small(torch.tensor([int(v)], dtype=torch.int64))
             setattr(state, name, type(v)(int(t)))
     return state
-
-
-# ---------------------------------------------------------------------------- hooks used by hessfast.lanczos
-def basis_runner(op, m: int, *, reorth: str, block_size: int, shard_basis: Optional[bool], basis_device: Any,
-                 announce: Optional[Callable[[str], None]] = None, basis_dtype: Optional[torch.dtype] = None):
-    """The Lanczos runner for a sharded or host-memory basis, or None for the single-device basis.
-
-    ``shard_basis=None`` shards a distributed single-vector run when P >= :data:`AUTO_SHARD_P` or the
-    replicated basis would take more than half the free device memory: below that, the three small
-    all-reduces a sharded step adds cost more latency than the reorthogonalisation it divides
-    (bench/RESULTS.md, "Distributed"). ``basis_device`` other than the operator's device streams
-    the basis through it in tiles.
-    """
-    if reorth != "full":
-        return None
-    ctx = getattr(op, "_dist", None)
-    if shard_basis is None and ctx is not None and block_size == 1:
-        plan = plan_basis(m, op.P, basis_dtype or op.dtype, op.device)
-        big = op.P >= AUTO_SHARD_P or plan.bytes_per_rank > 0.5 * plan.device_free
-        shard = bool(ctx.all_gather_small(torch.tensor([float(big)])).max())  # every rank decides alike
-    else:
-        shard = bool(shard_basis) and ctx is not None
-    moved = basis_device is not None and torch.device(basis_device) != op.device
-    if not shard and not moved:
-        if ctx is not None:  # a replicated basis: every rank must agree that it fits, or all stop
-            from .lanczos import check_basis_memory
-
-            ctx.guard(lambda: check_basis_memory(m, op.P, basis_dtype or op.dtype, op.device, block_size),
-                      "checking basis memory")
-        return None
-    from ._sharded import BasisLanczos
-
-    make = lambda: BasisLanczos(op, m, shard=shard, basis_device=basis_device, block_size=block_size,  # noqa: E731
-                                announce=announce, basis_dtype=basis_dtype)
-    return make() if ctx is None else ctx.guard(make, "planning the Lanczos basis")
-
-
-def common_seed(op, seed: Optional[int]) -> Optional[int]:
-    """The probe seed every rank uses: ``seed``, or rank 0's draw when distributed with ``seed=None``."""
-    ctx = getattr(op, "_dist", None)
-    return seed if ctx is None else ctx.common_seed(seed)
-
-
-def run_meta(op, runner) -> dict:
-    """Spectrum.meta entries describing the distribution of data and basis."""
-    ctx = getattr(op, "_dist", None)
-    out = {"world_size": 1 if ctx is None else ctx.world_size}
-    if ctx is not None:
-        out["rank_samples"] = list(getattr(op, "rank_counts", []))
-    out.update(runner.meta() if runner is not None else {"shard_basis": False})
-    return out

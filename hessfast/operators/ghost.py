@@ -35,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _data
-from .operators import _available_memory, _sum_scale
+from ..utils import data as _data
+from ..utils.memory import available_memory
+from .base import sum_scale
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
@@ -307,7 +308,7 @@ def auto_chunk(op, batch, R: int) -> int:
         for h in handles:
             h.remove()
     itemsize = torch.empty((), dtype=op.dtype).element_size()
-    budget = min(2 ** 30, _available_memory(op.device) // 8)
+    budget = min(2 ** 30, available_memory(op.device) // 8)
     if op.device.type == "cpu":
         budget = min(budget, CPU_CHUNK_BYTES)
     return max(1, int(budget // max(1, per_sample[0] * itemsize)))
@@ -380,7 +381,7 @@ def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, batch_probes: 
     R = Vs[0].shape[0]
     _reset(st)
     params = op._leaf_params()
-    loss = op.loss_fn(op._forward(params, inputs), targets) * _sum_scale(op.loss_fn, _data.batch_size(batch))
+    loss = op.loss_fn(op._forward(params, inputs), targets) * sum_scale(op.loss_fn, _data.batch_size(batch))
     n_p, e_taps = len(params), tuple(st.out_taps)
     first = torch.autograd.grad(loss, params + e_taps, create_graph=True, allow_unused=True)
     grads, deltas = first[:n_p], [None if d is None else d.detach() for d in first[n_p:]]   # delta = dl/dz
@@ -441,7 +442,7 @@ def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags) -> tuple:
             out, u = fwAD.unpack_dual(dual)
             st.inputs = [fwAD.unpack_dual(a).primal for a in st.inputs]
         if g_out is None:
-            out_d, g_out = _output_hessian(op, out, targets, _sum_scale(op.loss_fn, _data.batch_size(batch)))
+            out_d, g_out = _output_hessian(op, out, targets, sum_scale(op.loss_fn, _data.batch_size(batch)))
             norms = _Norms(st, flags)
         u = torch.zeros_like(out) if u is None else u
         sum_u[r], sum_sq[r] = _ggn_probe(op, st, out, params, out_d, g_out, u, norms, Vs, r, retain=r < R - 1)
@@ -457,7 +458,7 @@ def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags) -> tuple:
     _reset(st)
     params = op._leaf_params()
     out = op._forward(params, inputs)
-    out_d, g_out = _output_hessian(op, out, targets, _sum_scale(op.loss_fn, _data.batch_size(batch)))
+    out_d, g_out = _output_hessian(op, out, targets, sum_scale(op.loss_fn, _data.batch_size(batch)))
     dummy = torch.zeros_like(out, requires_grad=True)
     jtu = torch.autograd.grad(out, params, dummy, create_graph=True, allow_unused=True)
     keep = [i for i, t in enumerate(jtu) if t is not None]

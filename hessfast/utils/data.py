@@ -120,3 +120,17 @@ def call_model(forward, inputs: Any) -> torch.Tensor:
     if isinstance(inputs, Mapping):
         return forward(**inputs)
     return forward(*inputs)
+
+
+def is_empty(data: Any, single: bool) -> bool:
+    """True if ``data`` yields no batch, or is one batch of zero samples."""
+    if single:  # e.g. shard_tensors(x, y) with fewer samples than ranks
+        targets = data[1]
+        return targets.dim() > 0 and targets.shape[0] == 0
+    try:
+        return len(data) == 0
+    except TypeError:
+        pass
+    for _ in data:
+        return False
+    return True

@@ -26,12 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import _data, theory
-from .distributed import _is_empty
-from .distributed import context as _dist_context
+from . import distributed as _distributed
+from . import theory
 from ._version import __version__
-from .lanczos import lanczos
-from .variance import HessianVariance, _jsonable, hessian_variance
+from .slq import lanczos
+from .utils import data as _data
+from .utils.data import is_empty
+from .utils.serialization import jsonable
+from .variance import HessianVariance, hessian_variance
 
 FORMAT = "hessfast.prediction/1"
 
@@ -115,7 +117,7 @@ class Prediction:
                                            "relative_adam", "rows", "meta")}
         d["variance"] = self.variance.to_dict()
         d["format"] = FORMAT
-        return _jsonable(d)
+        return jsonable(d)
 
     def save(self, path) -> None:
         """Write the prediction as JSON (``to_dict``)."""
@@ -124,7 +126,7 @@ class Prediction:
 
     def plot(self, path=None, ax=None, title: Optional[str] = None):
         """Figure 9 against batch size: measured batch ``lam_1`` (mean +- std), full ``lam_1``, Theorems 4 and 7."""
-        from ._plotting import figure_axes
+        from .utils.plotting import figure_axes
 
         with figure_axes(ax, path) as ax:
             B = np.array([r["B"] for r in self.rows], dtype=float)
@@ -226,7 +228,7 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
     start = time.perf_counter()
     if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) or num_batches < 1:
         raise ValueError(f"num_batches must be a positive integer, got {num_batches!r}.")
-    ctx = _dist_context(distributed)
+    ctx = _distributed.context(distributed)
     if ctx is not None and not ctx.is_main:
         progress = False
     common = dict(curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype,
@@ -247,7 +249,7 @@ def predict(model: nn.Module, data: Any, batch_sizes: Sequence[int], *, curvatur
         x, y = _gather(data)
         offset, n_local = 0, N
     else:  # this rank's shard, and where it sits among the N samples of all shards (in rank order)
-        local = ctx.guard(lambda: None if _is_empty(data, _data.is_single_batch(data)) else _gather(data),
+        local = ctx.guard(lambda: None if is_empty(data, _data.is_single_batch(data)) else _gather(data),
                           "gathering its data shard for the random batches")
         x, y = (None, None) if local is None else local
         n_local = 0 if y is None else int(y.shape[0])

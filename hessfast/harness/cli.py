@@ -88,8 +88,8 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
 def _load_model_data(args) -> tuple:
     import torch
 
-    from .harness.data import load_data
-    from .harness.models import build_model
+    from .data import load_data
+    from .models import build_model
 
     data_kwargs = _kv(args.data_arg, "--data-arg")
     if args.download:
@@ -109,8 +109,8 @@ def _load_model_data(args) -> tuple:
         except RuntimeError as e:
             raise CLIError(f"--checkpoint {f} does not fit model {args.model!r}: {str(e).splitlines()[0]}") from None
     if args.train_epochs > 0:
-        from .harness.runs import Run
-        from .harness.train import TrainConfig, load_trained_model, train
+        from .runs import Run
+        from .train import TrainConfig, load_trained_model, train
 
         cfg = TrainConfig(model=args.model, model_kwargs=_kv(args.model_arg, "--model-arg"), data=args.data,
                           data_kwargs=data_kwargs, lr=0.05, momentum=0.9, batch_size=64, epochs=args.train_epochs,
@@ -148,7 +148,7 @@ def cmd_spectrum(args) -> int:
     import hessfast
     from hessfast import distributed as hdist
 
-    from .harness.data import BatchLoader, random_batches
+    from .data import BatchLoader, random_batches
 
     if args.m < 1:
         raise CLIError(f"--steps/--m must be >= 1, got {args.m}.")
@@ -185,9 +185,9 @@ def cmd_spectrum(args) -> int:
 
 
 def cmd_variance(args) -> int:
-    from hessfast.variance import hessian_variance
+    from hessfast import hessian_variance
 
-    from .harness.measure import full_loader
+    from .measure import full_loader
 
     model, data = _load_model_data(args)
     res = hessian_variance(model, full_loader(data), curvature=args.curvature, num_probes=args.probes,
@@ -200,23 +200,10 @@ def cmd_variance(args) -> int:
     return 0
 
 
-def _predict_fn():
-    """``hessfast.predict`` (the function, whether or not the package exports it at the top level)."""
-    import importlib
-    import types
-
-    try:
-        fn = importlib.import_module("hessfast.predict")
-    except ImportError:
-        raise CLIError("this hessfast build has no hessfast.predict (issue 4); use 'hessfast demo' or "
-                       "'hessfast run track' for measured vs predicted batch lambda_1.") from None
-    return fn.predict if isinstance(fn, types.ModuleType) else fn
-
-
 def cmd_predict(args) -> int:
-    from .harness.data import BatchLoader
+    from .data import BatchLoader
 
-    predict = _predict_fn()
+    from hessfast import predict
     model, data = _load_model_data(args)
     loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
     too_big = [b for b in args.batch_sizes if b > data.n_train]
@@ -239,7 +226,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .harness import recipes
+    from . import recipes
 
     if args.list or not args.recipe:
         for name, desc in recipes.describe().items():
@@ -258,7 +245,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .harness.demo import run_demo
+    from .demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet, num_batches=args.num_batches,
              m=args.m)
@@ -319,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--lr-adam", type=float, default=None, help="Adam learning rate tuned at B0 (default: factors)")
     pr.set_defaults(func=cmd_predict)
 
-    from .harness.recipes import RECIPES
+    from .recipes import RECIPES
 
     r = sub.add_parser("run", help="run (or resume) a paper experiment: " + ", ".join(RECIPES),
                        formatter_class=argparse.RawDescriptionHelpFormatter,
