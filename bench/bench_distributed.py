@@ -74,7 +74,7 @@ def main():
     if rank == 0:
         op1 = hessfast.CurvatureOperator(model, batches(x, y), hvp_mode="reverse", distributed=False)
         v = torch.randn(P, device=device)
-        prod1 = timeit(lambda: op1._local_sum(v, False), repeat=args.repeat, sync=sync)
+        prod1 = timeit(lambda: op1.local_sum(v), repeat=args.repeat, sync=sync)
         Q = torch.linalg.qr(torch.randn(P, k + 1, device=device))[0].T.contiguous()
         re1 = timeit(lambda: project_out(Q, k, v.clone()), repeat=args.repeat, sync=sync)
         t = time.perf_counter()
@@ -89,7 +89,7 @@ def main():
     xs, ys = hd.shard_tensors(x, y)
     op = hessfast.CurvatureOperator(model, batches(xs, ys), hvp_mode="reverse")
     v = torch.randn(P, device=device)
-    prod = timeit(lambda: op._local_sum(v, False), repeat=args.repeat, sync=sync)
+    prod = timeit(lambda: op.local_sum(v), repeat=args.repeat, sync=sync)
     chunk = math.ceil(P / R)
     ar = timeit(lambda: ctx.all_reduce_sum(lambda: v, v, "bench"), repeat=args.repeat, sync=sync)
     rs_ag = timeit(lambda: ctx.all_gather_vector(ctx.reduce_scatter_sum(lambda: v, P, chunk, v, "bench"), P),

@@ -2,7 +2,7 @@
 
 Workloads (issue "Hessian variance"): the MLP 64-128-128-10 and a small CNN (two 3x3 convolutions)
 on scikit-learn's digits (N = 1797, batches of 256), float32. For each curvature (Hessian, GGN) it
-times one full-data product ``C v`` (``CurvatureOperator.matvec``, graph cached, fastest mode) and
+times one full-data product ``C v`` (``CurvatureOperator.matvec`` through the cached graph) and
 the whole variance estimate by each route -- ghost norms, vmap over samples -- round-robin, best of
 ``--repeat``, so that a change of machine load hits the baseline and the routes alike; then a Python
 loop of per-sample products (on a subset, scaled to N). Each is printed as a multiple of the product.

@@ -3,7 +3,7 @@
 Every ``every`` steps, :class:`CurvatureTuner` runs ``m = 20`` Lanczos steps on the Hessian of the
 *current mini-batch* (the batch Hessian is the curvature SGD actually sees; Section 4, Theorem 4),
 drops the Ritz value holding more than half of the spectral mass (the near-zero degenerate part, which
-would give momentum 1) and sets the optimiser's learning rate and momentum from the Polyak or the
+would give momentum 1; Ritz values that are 0 to working precision are merged first) and sets the optimiser's learning rate and momentum from the Polyak or the
 Nesterov relations (equations 24 and 25) with lambda_1 and lambda_P of what remains.
 
 Example:
@@ -20,12 +20,46 @@ to ``momentum`` (SGD, RMSprop) or to ``betas[0]`` (Adam-type). For the Nesterov 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
 RULES = ("polyak", "nesterov")
+
+# A Ritz value within this many roundings of 0 (eps of the compute dtype times the largest |Ritz value|)
+# is an eigenvalue 0 to working precision.
+ZERO_ROUNDINGS = 1000
+
+
+def merge_zero_ritz_values(spectrum) -> SimpleNamespace:
+    """The spectrum's ``ritz_values`` and ``weights`` with, per probe, every Ritz value that is 0 to working
+    precision merged into one Ritz value at exactly 0 carrying their summed weight.
+
+    Lanczos on a curvature with a large null space stops at the invariant subspace only when the
+    residual falls below its breakdown tolerance; a step past it returns one more Ritz value at the
+    rounding level (|theta| ~ eps lambda_max) that takes part of the null space's weight, with a sign
+    set by rounding. Kept apart, neither piece may exceed the mass threshold of Section 10.2, and a
+    positive piece becomes lambda_min (momentum 1); merged, the null space is one Ritz value at 0,
+    dropped by the mass rule and never taken for positive curvature.
+    """
+    theta = np.array(spectrum.ritz_values, dtype=np.float64, ndmin=2)
+    w = np.array(spectrum.weights, dtype=np.float64, ndmin=2)
+    name = str(getattr(spectrum, "meta", {}).get("dtype", "float32"))
+    eps = float(np.finfo(np.dtype(name)).eps) if name in ("float16", "float32", "float64") else 2.0 ** -23
+    finite = np.isfinite(theta)
+    if not finite.any():
+        return SimpleNamespace(ritz_values=theta, weights=w)
+    tol = ZERO_ROUNDINGS * eps * float(np.abs(theta[finite]).max())
+    for k in range(theta.shape[0]):
+        zero = np.flatnonzero(finite[k] & (np.abs(np.where(finite[k], theta[k], 0.0)) <= tol))
+        if zero.size:
+            mass = w[k, zero].sum()
+            theta[k, zero], w[k, zero] = np.nan, 0.0
+            theta[k, zero[0]], w[k, zero[0]] = 0.0, mass
+    return SimpleNamespace(ritz_values=theta, weights=w)
 
 
 class CurvatureTuner:
@@ -98,8 +132,8 @@ class CurvatureTuner:
                                "ritz_max": float(spectrum.lambda_max), "ritz_min": float(spectrum.lambda_min)}
         self.updates += 1
         try:
-            lr, mom = theory.lr_momentum_from_spectrum(spectrum, rule=self.rule, mass_threshold=self.mass_threshold,
-                                                       variant=self.variant)
+            lr, mom = theory.lr_momentum_from_spectrum(merge_zero_ritz_values(spectrum), rule=self.rule,
+                                                       mass_threshold=self.mass_threshold, variant=self.variant)
             lr, mom = float(lr) * self.lr_scale, float(mom)
             ok = math.isfinite(lr) and math.isfinite(mom) and lr > 0
             reason = None if ok else f"rule gave lr={lr}, momentum={mom}"

@@ -23,25 +23,21 @@ B drawn without replacement; :func:`hessfast.predict` uses it.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from dataclasses import asdict, dataclass, field
-from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from . import distributed as _distributed
 from ._version import __version__
-from .engine.lanczos import probe_vectors
-from .operators import CurvatureOperator, ghost as _ghost, sum_scale
+from .engine import probe_vectors
+from .operators import ModelFunction, ghost, operator_class, per_sample
+from .operators.per_sample import PerSampleProducts
 from .utils import data as _data
-from .utils.data import is_empty
-from .utils.memory import available_memory
 from .utils.model_state import curvature_mode
 from .utils.serialization import jsonable
 
@@ -125,148 +121,48 @@ class _Sums:
         self.acc.count += count
 
 
-# ---------------------------------------------------------------------------------- per-sample products
-class _VarianceOperator(CurvatureOperator):
-    """A :class:`CurvatureOperator` used for its functional model, loss, checks and parameter layout only.
+# ---------------------------------------------------------------------------------- the route
+class _Route:
+    """The per-sample products of one ``hessian_variance`` call: the route that runs and its objects.
 
-    Nothing is built at construction (no graph, no pass over the data); ``N`` is counted while streaming.
+    ``fn``: the :class:`ModelFunction`; ``curvature``: the operator class; ``name``: ``"vmap"``,
+    ``"ghost"`` or ``"loop"``.
     """
 
-    def _build(self, cache_graph, hvp_mode) -> None:
-        self._cache, self.cached, self.hvp_mode, self.N = None, False, "forward", 0
+    def __init__(self, fn: ModelFunction, curvature: type, route: str):
+        reason = ghost.unsupported_reason(fn, curvature)
+        if route == "ghost" and reason is not None:
+            raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
+        self.fn, self.curvature = fn, curvature
+        self.name = route if route != "auto" else ("ghost" if reason is None else "vmap")
+        self.ghost = ghost.GhostSums(fn, curvature) if self.name == "ghost" else None
+        self.products = PerSampleProducts(fn, curvature)
 
-    def _sample_loss(self, params: tuple, x: Any, y: torch.Tensor) -> torch.Tensor:
-        """Loss of one sample (inputs without the batch dimension, as vmap passes them)."""
-        x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
-        return self.loss_fn(self._forward(params, x1), y.unsqueeze(0)) * sum_scale(self.loss_fn, 1)
+    def auto_chunk(self, batch, R: int) -> int:
+        """Samples per call: ghost, from the layer sizes seen on ``batch``; vmap and loop, from R and P."""
+        if self.ghost is not None:
+            return ghost.auto_chunk(self.fn, self.curvature, batch, R)
+        return per_sample.auto_chunk(R, self.fn.P, self.fn.dtype, self.fn.device)
 
-    def _sample_product(self, params: tuple, x: Any, y: torch.Tensor, v: tuple, reverse: bool) -> tuple:
-        """C_i v for one sample i and one probe v (parameter-shaped tuples)."""
-        if self.curvature == "hessian":
-            g = grad(lambda p: self._sample_loss(p, x, y))
-            if reverse:  # reverse over reverse: for losses whose forward-over-reverse is not vmap-able
-                return vjp(g, params)[1](v)[0]
-            return jvp(g, (params,), (v,))[1]
-        x1 = _data._map_tensors(x, lambda t: t.unsqueeze(0))
-        f = lambda p: self._forward(p, x1)  # noqa: E731
-        out, u = jvp(f, (params,), (v,))
-        loss = lambda o: self.loss_fn(o, y.unsqueeze(0)) * sum_scale(self.loss_fn, 1)  # noqa: E731
-        if reverse:
-            q = vjp(grad(loss), out)[1](u)[0]
-        else:
-            q = jvp(grad(loss), (out,), (u,))[1]
-        return vjp(f, params)[1](q)[0]
-
-    def vmap_products(self, chunk, Vs: tuple) -> torch.Tensor:
-        """Per-sample products U (c, R, P) of one chunk: vmap over the samples and over the probes."""
-        inputs, targets = chunk
-        params = tuple(p.detach() for p in self._params)
-        for reverse in ((True,) if getattr(self, "_reverse", False) else (False, True)):
-            fn = lambda x, y, v: self._sample_product(params, x, y, v, reverse)  # noqa: E731
-            try:
-                parts = vmap(vmap(fn, in_dims=(None, None, 0)), in_dims=(0, 0, None))(inputs, targets, Vs)
-            except RuntimeError:
-                if reverse:
-                    raise
-                continue
-            self._reverse = reverse
-            break
-        c = _data.batch_size(chunk)
-        return torch.cat([p.reshape(c, p.shape[1], -1) for p in parts], dim=2)
-
-    def loop_products(self, chunk, Vs: tuple) -> torch.Tensor:
-        """The same (c, R, P) by a Python loop over samples and probes (reference and benchmark baseline)."""
-        inputs, targets = chunk
-        params = tuple(p.detach() for p in self._params)
-        rows = []
-        for i in range(_data.batch_size(chunk)):
-            x = _data._map_tensors(inputs, lambda t: t[i])
-            per_probe = []
-            for r in range(Vs[0].shape[0]):
-                v = tuple(t[r] for t in Vs)
-                try:
-                    parts = self._sample_product(params, x, targets[i], v, getattr(self, "_reverse", False))
-                except RuntimeError:
-                    self._reverse = True
-                    parts = self._sample_product(params, x, targets[i], v, True)
-                per_probe.append(self._flat(parts))
-            rows.append(torch.stack(per_probe))
-        return torch.stack(rows)
+    def add(self, sums: _Sums, part, Vs: tuple) -> None:
+        """Add the samples of one chunk to ``sums``."""
+        n = _data.batch_size(part)
+        if self.ghost is not None:
+            sums.add(*self.ghost(part, sums.V), n)
+            return
+        run = self.products.vmap_products if self.name == "vmap" else self.products.loop_products
+        sums.update(run(part, Vs))
 
 
 # ---------------------------------------------------------------------------------- data
-def _chunks(batch, size: int):
-    inputs, targets = batch
-    n = _data.batch_size(batch)
-    if n <= size:
-        yield batch
-        return
-    for s in range(0, n, size):
-        yield _data._map_tensors(inputs, lambda t: t[s:s + size]), targets[s:s + size]
-
-
-def _concat(parts: list):
-    """One batch from a list of batches (same structure), or None where they cannot be concatenated."""
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0][0]
-    try:
-        if isinstance(first, torch.Tensor):
-            inputs = torch.cat([p[0] for p in parts])
-        elif isinstance(first, Mapping):
-            inputs = {k: torch.cat([p[0][k] for p in parts]) for k in first}
-        else:
-            inputs = type(first)(torch.cat(ts) for ts in zip(*(p[0] for p in parts)))
-        return inputs, torch.cat([p[1] for p in parts])
-    except (RuntimeError, TypeError, KeyError, ValueError):  # shapes, dtypes or structures that differ
-        return None
-
-
-def _rechunk(batches, size: int):
-    """Batches regrouped into chunks of ``size`` samples (the last may be smaller).
-
-    Small loader batches are merged (fewer, larger calls: the per-call Python and autograd overhead
-    is paid once per chunk) and large ones split. Batches that cannot be concatenated (e.g. sequences
-    of different lengths) are passed on as they come, split where larger than ``size``.
-    """
-    buf, count = [], 0
-    for batch in batches:
-        n = _data.batch_size(batch)
-        if buf and count + n > size:
-            merged = _concat(buf)
-            if merged is None:
-                yield from buf
-            else:
-                yield merged
-            buf, count = [], 0
-        for part in _chunks(batch, size):
-            m = _data.batch_size(part)
-            if m == size:
-                yield part
-            else:
-                buf.append(part)
-                count += m
-    if buf:
-        merged = _concat(buf)
-        if merged is None:
-            yield from buf
-        else:
-            yield merged
-
-
-def _select(batch, rows: torch.Tensor):
-    inputs, targets = batch
-    return _data._map_tensors(inputs, lambda t: t[rows.to(t.device)]), targets[rows.to(targets.device)]
-
-
-def _subset_batches(op: _VarianceOperator, max_samples: Optional[int], seed: Optional[int]):
+def _subset_batches(fn: ModelFunction, max_samples: Optional[int], seed: Optional[int]):
     """(iterator of prepared batches, samples used, samples in the data)."""
     if max_samples is None:
-        return op._batches(), None, None
-    total = sum(_data.batch_size(b) for b in _data.iter_batches(op._data))
+        return fn.batches(), None, None
+    total = fn.count_samples()
     if max_samples >= total:
-        return op._batches(), total, total
-    return _kept_batches(op, _subset_rows(total, max_samples, seed)), max_samples, total
+        return fn.batches(), total, total
+    return _kept_batches(fn, _subset_rows(total, max_samples, seed)), max_samples, total
 
 
 def _subset_rows(total: int, max_samples: int, seed: Optional[int]) -> torch.Tensor:
@@ -275,36 +171,15 @@ def _subset_rows(total: int, max_samples: int, seed: Optional[int]) -> torch.Ten
     return torch.randperm(total, generator=gen)[:max_samples].sort().values
 
 
-def _kept_batches(op: _VarianceOperator, keep: torch.Tensor):
-    """The prepared batches of ``op``'s data restricted to the sorted sample indices ``keep``."""
+def _kept_batches(fn: ModelFunction, keep: torch.Tensor):
+    """The prepared batches of ``fn``'s data restricted to the sorted sample indices ``keep``."""
     start = 0
-    for batch in op._batches():
+    for batch in fn.batches():
         n = _data.batch_size(batch)
         lo, hi = torch.searchsorted(keep, torch.tensor([start, start + n]))
         if hi > lo:
-            yield _select(batch, keep[lo:hi] - start)
+            yield _data.select_rows(batch, keep[lo:hi] - start)
         start += n
-
-
-# Bytes of per-sample products (c, R, P) per vmap chunk on CPU. Measured on the digits MLP and CNN
-# (bench/bench_variance.py, 1 thread): the route is fastest at 8-20 MiB; at ~100 MiB per chunk it was
-# 2-3x slower (memory traffic and fresh large allocations), which made R = 4 cost ~10x R = 1 with the
-# earlier memory-only rule.
-_CPU_CHUNK_BYTES = 16 * 2 ** 20
-
-
-def _auto_chunk(R: int, P: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Samples per vmap chunk.
-
-    Memory bound: the (c, R, P) products and their intermediates in about 1/8 of free memory (<= 1 GiB).
-    On CPU also at most ``_CPU_CHUNK_BYTES`` of products, where the route is fastest.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    budget = min(2 ** 30, available_memory(device) // 8)
-    chunk = max(1, int(budget // (6 * R * P * itemsize)))
-    if device.type == "cpu":
-        chunk = min(chunk, max(1, _CPU_CHUNK_BYTES // (R * P * itemsize)))
-    return chunk
 
 
 # ---------------------------------------------------------------------------------- public function
@@ -322,7 +197,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
       probes), forward-over-reverse (reverse-over-reverse where a loss has no vmap-able rule), summed
       by the squared-HVP accumulation of ``hessfast.kernels``; any model.
     * ``"ghost"``: ``||C_i v||^2`` from per-sample-gradient-norm identities of Linear and Conv2d layers
-      in one backward pass per probe, with no per-sample vector (``hessfast/_ghost.py``,
+      in one backward pass per probe, with no per-sample vector (``hessfast/operators/ghost.py``,
       ``docs/variance.md``); every trainable parameter must sit in such a layer. Hessian: a forward
       pass and a recorded backward pass shared by the probes, then per probe a second backward pass
       that also yields the layers' forward-mode tangents; GGN: ``u_i = J_i v`` (dual numbers for one
@@ -370,49 +245,34 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
         :class:`HessianVariance`.
     """
     start = time.perf_counter()
-    if route not in ROUTES:
-        raise ValueError(f"unknown route {route!r}; choose one of {ROUTES}.")
-    if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise ValueError(
-            "hessian_variance needs bn_mode='eval' for a model with batch norm: with batch statistics "
-            "(bn_mode='train') a sample's loss, hence its Hessian, depends on the other samples of its batch, so "
-            "the per-sample curvature C_i is not defined. Use bn_mode='eval' (running statistics).")
-    if max_samples is not None and (isinstance(max_samples, bool) or int(max_samples) != max_samples
-                                    or max_samples < 1):
-        raise ValueError(f"max_samples must be a positive integer or None, got {max_samples!r}.")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}.")
+    _check_arguments(model, route, bn_mode, max_samples, chunk_size)
     ctx = _distributed.context(distributed)
-    # distributed=False: the operator builds nothing (N is counted while streaming); ctx does the collectives
-    op = _VarianceOperator(model, data, curvature=curvature, loss_fn=loss_fn,
-                           bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype, hvp_mode="forward",
-                           cache_graph=False, distributed=False)
-    V = _probes(op, num_probes, probes, seed if ctx is None else ctx.common_seed(seed))
+    # the model function holds no process group: the collectives below go through ctx
+    fn = ModelFunction(model, data, loss_fn=loss_fn, bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype)
+    curv = operator_class(curvature)
+    V = unit_probes(fn.P, num_probes, probes, seed if ctx is None else ctx.common_seed(seed), fn.dtype, fn.device)
     R = V.shape[0]
-    reason = _ghost.unsupported_reason(op)
-    if route == "ghost" and reason is not None:
-        raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
-    used = route if route != "auto" else ("ghost" if reason is None else "vmap")
-    chunk = chunk_size or (None if used == "ghost" or ctx is not None else _auto_chunk(R, op.P, op.dtype, op.device))
+    plan = _Route(fn, curv, route)
+    chunk = chunk_size or (None if plan.name == "ghost" or ctx is not None else plan.auto_chunk(None, R))
 
-    sums = _Sums(V.to(op.dtype), backend)
-    Vs = op._split(sums.V)
-    desc = f"hessfast: variance ({op.curvature})"
+    sums = _Sums(V, backend)
+    Vs = fn.unflatten(sums.V)
+    desc = f"hessfast: variance ({curv.curvature})"
     hide = None if progress is None else not progress
-    with curvature_mode(op.model, op.bn_mode):
+    with curvature_mode(fn.model, fn.bn_mode):
         if ctx is None:
-            batches, n_used, n_total = _subset_batches(op, max_samples, seed)
+            batches, n_used, n_total = _subset_batches(fn, max_samples, seed)
             if chunk is None:  # ghost: from the layer sizes seen on the first batch
                 batches = iter(batches)
                 first = next(batches, None)
-                chunk = _ghost.auto_chunk(op, first, R) if first is not None else 1
+                chunk = plan.auto_chunk(first, R) if first is not None else 1
                 batches = itertools.chain([] if first is None else [first], batches)
-            _stream(op, sums, Vs, batches, chunk, used, n_used, desc, hide)
+            _stream(plan, sums, Vs, batches, chunk, n_used, desc, hide)
             dist_meta = {}
         else:
             batches, n_used, n_total, chunk, bar_total, dist_meta = _shard_plan(
-                op, ctx, sums.V, max_samples, seed, chunk, used, R)
-            ctx.guard(lambda: _stream(op, sums, Vs, batches, chunk, used, bar_total, desc,
+                plan, ctx, sums.V, max_samples, seed, chunk, R)
+            ctx.guard(lambda: _stream(plan, sums, Vs, batches, chunk, bar_total, desc,
                                       True if not ctx.is_main else hide),
                       "streaming its samples for the Hessian variance")
             dist_meta["rank_samples"] = [int(c) for c in ctx.all_gather_small(
@@ -427,32 +287,39 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
     if not all(torch.isfinite(t).all() for t in (sums.acc.sum_sq, sums.acc.sum_vu, sums.acc.sum_u)):
         raise FloatingPointError("a per-sample curvature product returned NaN or Inf; check the loss and the data "
                                  "at these weights, or use dtype=torch.float64.")
-    res = _summarise(op, sums, n, n_total, used, chunk, seed, start)
+    res = _summarise(fn, curv.curvature, sums, n, n_total, plan.name, chunk, seed, start)
     res.meta["world_size"] = 1 if ctx is None else ctx.world_size
     res.meta.update(dist_meta)
     return res
 
 
-def _stream(op, sums: _Sums, Vs: tuple, batches, chunk: int, used: str, total: Optional[int], desc: str,
+def _check_arguments(model, route: str, bn_mode: str, max_samples, chunk_size) -> None:
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r}; choose one of {ROUTES}.")
+    if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(
+            "hessian_variance needs bn_mode='eval' for a model with batch norm: with batch statistics "
+            "(bn_mode='train') a sample's loss, hence its Hessian, depends on the other samples of its batch, so "
+            "the per-sample curvature C_i is not defined. Use bn_mode='eval' (running statistics).")
+    for name, value in (("max_samples", max_samples), ("chunk_size", chunk_size)):
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}.")
+
+
+def _stream(route: _Route, sums: _Sums, Vs: tuple, batches, chunk: int, total: Optional[int], desc: str,
             hide: Optional[bool]) -> None:
     """Add every sample of ``batches`` (regrouped into chunks of ``chunk``) to ``sums``."""
     bar = tqdm(total=total, desc=desc, unit="sample", disable=hide, leave=False)
     try:
-        for part in _rechunk(batches, chunk):
-            n = _data.batch_size(part)
-            if used == "ghost":
-                sums.add(*_ghost.ghost_sums(op, part, sums.V), n)
-            else:
-                U = op.vmap_products(part, Vs) if used == "vmap" else op.loop_products(part, Vs)
-                sums.update(U)
-                del U
-            bar.update(n)
+        for part in _data.rechunk(batches, chunk):
+            route.add(sums, part, Vs)
+            bar.update(_data.batch_size(part))
     finally:
         bar.close()
 
 
-def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Optional[int], chunk: Optional[int],
-                used: str, R: int):
+def _shard_plan(route: _Route, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Optional[int],
+                chunk: Optional[int], R: int):
     """This rank's part of a distributed variance run, agreed with the other ranks.
 
     Every rank reads its shard (guarded: a failure stops all ranks), then one all-gather of a few
@@ -462,30 +329,29 @@ def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Opti
 
     Returns (batches, samples used or None, samples in the data or None, chunk, local bar total, meta).
     """
+    fn = route.fn
     state = {}
 
     def local():
-        empty = is_empty(op._data, op._single)
+        empty = fn.is_empty()
         state["empty"] = empty
-        n_local = 0
-        if max_samples is not None and not empty:
-            n_local = sum(_data.batch_size(b) for b in _data.iter_batches(op._data))
+        n_local = fn.count_samples() if max_samples is not None and not empty else 0
         local_chunk = chunk
-        if local_chunk is None and used == "ghost" and not empty:
-            it = op._batches()
+        if local_chunk is None and route.name == "ghost" and not empty:
+            it = fn.batches()
             first = next(it)
-            local_chunk = _ghost.auto_chunk(op, first, R)
+            local_chunk = route.auto_chunk(first, R)
             if max_samples is None:  # reuse the batch already read
                 state["batches"] = itertools.chain([first], it)
-        elif local_chunk is None and used != "ghost":
-            local_chunk = _auto_chunk(R, op.P, op.dtype, op.device)
+        elif local_chunk is None and route.name != "ghost":
+            local_chunk = route.auto_chunk(None, R)
         return n_local, local_chunk
 
     n_local, local_chunk = ctx.guard(local, "reading its data shard for the Hessian variance")
-    w = op.parameter_vector().double()
+    w_sum, w_sq = fn.fingerprint()
     Vd = V.double()
     mix = torch.linspace(-1.0, 1.0, Vd.shape[1], dtype=torch.float64, device=Vd.device)
-    mine = torch.tensor([float(n_local), float(op.P), float(w.sum()), float(w.square().sum()), float(Vd.sum()),
+    mine = torch.tensor([float(n_local), float(fn.P), w_sum, w_sq, float(Vd.sum()),
                          float((Vd * mix).sum()), float(local_chunk or 0), float(state["empty"])],
                         dtype=torch.float64)
     rows = ctx.all_gather_small(mine)
@@ -496,37 +362,41 @@ def _shard_plan(op, ctx, V: torch.Tensor, max_samples: Optional[int], seed: Opti
         chunks = [int(c) for c, e in zip(rows[:, 6].tolist(), rows[:, 7].tolist()) if not e and c > 0]
         chunk = min(chunks) if chunks else 1
     if max_samples is None:
-        batches = iter(()) if state["empty"] else (state.get("batches") or op._batches())
+        batches = iter(()) if state["empty"] else (state.get("batches") or fn.batches())
         return batches, None, None, chunk, None, {}
     counts = [int(c) for c in rows[:, 0].tolist()]
     total, offset = sum(counts), sum(counts[:ctx.rank])
     if max_samples >= total:
-        return iter(()) if state["empty"] else op._batches(), total, total, chunk, n_local, {}
+        return iter(()) if state["empty"] else fn.batches(), total, total, chunk, n_local, {}
     keep = _subset_rows(total, max_samples, seed)  # the single-process subset of the concatenated shards
     mine_rows = keep[(keep >= offset) & (keep < offset + n_local)] - offset
-    batches = _kept_batches(op, mine_rows) if len(mine_rows) else iter(())
+    batches = _kept_batches(fn, mine_rows) if len(mine_rows) else iter(())
     return batches, max_samples, total, chunk, len(mine_rows), {}
 
 
-def _probes(op, num_probes, probes, seed) -> torch.Tensor:
+def unit_probes(P: int, num_probes: int, probes: Optional[torch.Tensor], seed: Optional[int],
+                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (R, P) unit probes of :func:`hessian_variance` in ``dtype``: ``probes`` normalised row by row,
+    or ``num_probes`` seeded Gaussian directions (:func:`hessfast.engine.probe_vectors`, drawn in float64)."""
     if probes is None:
         if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
             raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
-        V = probe_vectors(int(num_probes), op.P, seed, torch.float64, op.device)
+        V = probe_vectors(int(num_probes), P, seed, torch.float64, device)
     else:
-        V = torch.as_tensor(probes).to(device=op.device, dtype=torch.float64)
+        V = torch.as_tensor(probes).to(device=device, dtype=torch.float64)
         if V.dim() == 1:
             V = V[None]
-        if V.dim() != 2 or V.shape[1] != op.P or V.shape[0] < 1:
-            raise ValueError(f"probes must have shape (R, P) with P={op.P}, got {tuple(V.shape)}.")
+        if V.dim() != 2 or V.shape[1] != P or V.shape[0] < 1:
+            raise ValueError(f"probes must have shape (R, P) with P={P}, got {tuple(V.shape)}.")
     norms = torch.linalg.vector_norm(V, dim=1, keepdim=True)
     if not bool((norms > 0).all()):
         raise ValueError("a probe vector is zero; probes must be non-zero (they are normalised to unit length).")
-    return (V / norms).to(op.dtype)
+    return (V / norms).to(dtype)
 
 
-def _summarise(op, sums: _Sums, n: int, n_total: int, route: str, chunk: int, seed, start: float) -> HessianVariance:
-    P, R = op.P, sums.V.shape[0]
+def _summarise(fn: ModelFunction, curvature: str, sums: _Sums, n: int, n_total: int, route: str, chunk: int, seed,
+               start: float) -> HessianVariance:
+    P, R = fn.P, sums.V.shape[0]
     mean_sq = (sums.acc.sum_sq / n).cpu().numpy()
     quad = (sums.acc.sum_vu / n).cpu().numpy()
     mean_u = sums.acc.sum_u.double() / n
@@ -542,11 +412,11 @@ def _summarise(op, sums: _Sums, n: int, n_total: int, route: str, chunk: int, se
                  "centred": centred, "sigma2": sigma2}
     s2 = float(sigma2.mean())
     meta = {"route": route, "chunk_size": chunk, "seed": seed,
-            "dtype": str(op.dtype).replace("torch.", ""), "device": str(op.device), "bn_mode": op.bn_mode,
+            "dtype": str(fn.dtype).replace("torch.", ""), "device": str(fn.device), "bn_mode": fn.bn_mode,
             "elapsed": time.perf_counter() - start, "hessfast_version": __version__,
             "torch_version": torch.__version__}
     return HessianVariance(
-        curvature=op.curvature, N=int(n), N_total=int(n_total), P=int(P), num_probes=int(R),
+        curvature=curvature, N=int(n), N_total=int(n_total), P=int(P), num_probes=int(R),
         algorithm1=float(alg1.mean()), algorithm1_printed=float((sums.acc.sum_sq.cpu().numpy() - quad ** 2).mean()),
         centred=float(centred.mean()), sigma2=s2, sigma2_unbiased=s2 * n / (n - 1) if n > 1 else float("nan"),
         sigma2_stderr=se(sigma2), centred_stderr=se(centred), algorithm1_stderr=se(alg1),

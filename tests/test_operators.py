@@ -132,7 +132,10 @@ def test_hvp_mode_auto_reports_a_mode_and_matches():
     case = cases.cnn_case()
     op = hessfast.HessianOperator(case.model, case.batch)
     assert op.hvp_mode in ("reverse", "forward")
-    assert set(op.mode_timings) == {"reverse", "forward"}
+    # the documented rule: reverse whenever the curvature has a graph product, cached or not
+    assert op.hvp_mode == op.meta()["hvp_mode"] == "reverse" and op.cached
+    uncached = hessfast.GGNOperator(case.model, case.batch, cache_graph=False)
+    assert uncached.hvp_mode == "reverse" and not uncached.cached
     torch.testing.assert_close(op.to_dense(), cases.dense_hessian(case), rtol=1e-10, atol=1e-12)
 
 

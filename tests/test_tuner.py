@@ -55,6 +55,34 @@ def test_tuner_drops_degenerate_mass_before_taking_lambda_min():
     assert mom < 0.2  # momentum 1 would have come from keeping the zero eigenvalues
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_tuner_ignores_rounding_level_ritz_values_of_the_null_space(seed):
+    # Lanczos runs one step past the 11-dimensional Krylov space: a Ritz value at ~1e-17 takes part of the
+    # null space's mass (seeds 1-3: a positive piece), which alone would make lambda_min ~1e-19
+    eigs = [0.0] * 30 + list(np.linspace(1.0, 4.0, 10))
+    model, batch = quadratic(eigs)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5)
+    tuner = CurvatureTuner(opt, model, nn.MSELoss(), m=20, rule="polyak", seed=seed)
+    lr, mom = tuner.update(batch)
+    want = theory.polyak(4.0, 1.0)
+    assert lr == pytest.approx(want[0], rel=1e-6) and mom == pytest.approx(want[1], rel=1e-6)
+
+
+def test_merge_zero_ritz_values_sums_the_null_space_into_one_value():
+    from types import SimpleNamespace
+
+    from hessfast.tuner import merge_zero_ritz_values
+
+    spec = SimpleNamespace(ritz_values=[[-3e-17, 2e-16, 1.0, 4.0, np.nan], [1e-3, 2.0, 4.0, np.nan, np.nan]],
+                           weights=[[0.4, 0.35, 0.05, 0.2, 0.0], [0.3, 0.4, 0.3, 0.0, 0.0]],
+                           meta={"dtype": "float64"})
+    out = merge_zero_ritz_values(spec)
+    np.testing.assert_array_equal(out.ritz_values[0], [0.0, np.nan, 1.0, 4.0, np.nan])
+    np.testing.assert_allclose(out.weights[0], [0.75, 0.0, 0.05, 0.2, 0.0], rtol=1e-15)
+    np.testing.assert_array_equal(out.ritz_values[1], spec.ritz_values[1])   # 1e-3 is curvature, not rounding
+    assert theory.lr_momentum_from_spectrum(out).lr == pytest.approx(theory.polyak(4.0, 1e-3)[0], rel=1e-12)
+
+
 def test_tuner_every_and_adam_betas_and_state_roundtrip():
     model, batch = quadratic([1.0, 4.0, 9.0])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))

@@ -4,8 +4,11 @@ import pytest
 import torch
 from torch import nn
 
+from hessfast.operators import GGNOperator, HessianOperator, ModelFunction, ghost, per_sample
+from hessfast.operators.ghost import GhostSums
+from hessfast.utils.data import concat_batches, rechunk
 from hessfast.utils.model_state import snapshot
-from hessfast.variance import HessianVariance, hessian_variance
+from hessfast.variance import HessianVariance, hessian_variance, unit_probes
 
 import cases
 from test_operators import assert_model_unchanged
@@ -145,33 +148,29 @@ def test_ghost_norms_equal_vmap_and_loop(name, curvature):
 
 
 def test_ggn_double_vjp_fallback_matches_forward_mode():
-    from hessfast.operators import ghost as _ghost
-    from hessfast.variance import _probes, _VarianceOperator
-
     case = cases.cnn_case()
-    op = _VarianceOperator(case.model, case.batch, curvature="ggn")
-    V = _probes(op, 2, None, 0)
-    fwd = _ghost.ghost_sums(op, case.batch, V, ggn_forward=True)
-    assert not getattr(op, "_ghost_double_vjp", False)          # forward mode did run
-    rev = _ghost.ghost_sums(op, case.batch, V, ggn_forward=False)
+    fn = ModelFunction(case.model, case.batch)
+    V = unit_probes(fn.P, 2, None, 0, fn.dtype, fn.device)
+    sums = GhostSums(fn, GGNOperator)
+    fwd = sums(case.batch, V, ggn_forward=True)
+    assert not sums.forward_mode_failed                         # forward mode did run
+    rev = sums(case.batch, V, ggn_forward=False)
     for a, b in zip(fwd, rev):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    op._ghost_double_vjp = True                                 # as after an op without forward mode
-    again = _ghost.ghost_sums(op, case.batch, V[:1], ggn_forward=True)
+    sums.forward_mode_failed = True                             # as after an op without forward mode
+    again = sums(case.batch, V[:1], ggn_forward=True)
     for a, b in zip(again, fwd):
         torch.testing.assert_close(a, b[:1], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "reused"])
 def test_ghost_hessian_probes_batched_in_one_backward_equal_the_loop(name):
-    from hessfast.operators import ghost as _ghost
-    from hessfast.variance import _probes, _VarianceOperator
-
     case = reused_case() if name == "reused" else cases.ALL[name]()
-    op = _VarianceOperator(case.model, case.batch, curvature="hessian", loss_fn=case.loss_fn)
-    V = _probes(op, 3, None, 2)
-    loop = _ghost.ghost_sums(op, case.batch, V, batch_probes=False)
-    batched = _ghost.ghost_sums(op, case.batch, V, batch_probes=True)
+    fn = ModelFunction(case.model, case.batch, loss_fn=case.loss_fn)
+    V = unit_probes(fn.P, 3, None, 2, fn.dtype, fn.device)
+    sums = GhostSums(fn, HessianOperator)
+    loop = sums(case.batch, V, batch_probes=False)
+    batched = sums(case.batch, V, batch_probes=True)
     for a, b in zip(loop, batched):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
@@ -192,37 +191,32 @@ def test_loader_batches_merged_and_split_into_chunks_do_not_change_the_result(ro
 
 
 def test_rechunk_merges_splits_and_passes_on_batches_that_cannot_be_concatenated():
-    from hessfast.variance import _concat, _rechunk
-
     x, y = torch.arange(20.).reshape(10, 2), torch.arange(10)
     batches = [(x[:3], y[:3]), (x[3:4], y[3:4]), (x[4:10], y[4:10])]
-    out = list(_rechunk(iter(batches), 4))
+    out = list(rechunk(iter(batches), 4))
     assert [len(b[1]) for b in out] == [4, 4, 2]
     torch.testing.assert_close(torch.cat([b[0] for b in out]), x)
     torch.testing.assert_close(torch.cat([b[1] for b in out]), y)
     # dict and tuple inputs are concatenated leaf by leaf
-    d = _concat([({"a": x[:2], "b": x[:2, :1]}, y[:2]), ({"a": x[2:5], "b": x[2:5, :1]}, y[2:5])])
+    d = concat_batches([({"a": x[:2], "b": x[:2, :1]}, y[:2]), ({"a": x[2:5], "b": x[2:5, :1]}, y[2:5])])
     assert d[0]["a"].shape == (5, 2) and d[0]["b"].shape == (5, 1) and d[1].shape == (5,)
-    t = _concat([((x[:2], x[:2]), y[:2]), ((x[2:3], x[2:3]), y[2:3])])
+    t = concat_batches([((x[:2], x[:2]), y[:2]), ((x[2:3], x[2:3]), y[2:3])])
     assert isinstance(t[0], tuple) and t[0][1].shape == (3, 2)
     # sequences of different lengths: passed on unchanged, in order
     seqs = [(torch.zeros(2, 5, 3), y[:2]), (torch.zeros(3, 7, 3), y[2:5])]
-    assert _concat(seqs) is None
-    out = list(_rechunk(iter(seqs), 100))
+    assert concat_batches(seqs) is None
+    out = list(rechunk(iter(seqs), 100))
     assert [tuple(b[0].shape) for b in out] == [(2, 5, 3), (3, 7, 3)]
 
 
 def test_auto_chunk_sizes():
-    from hessfast.operators import ghost as _ghost
-    from hessfast.variance import _CPU_CHUNK_BYTES, _auto_chunk, _VarianceOperator
-
     P = 26_122
     for R in (1, 4, 64):
-        c = _auto_chunk(R, P, torch.float32, torch.device("cpu"))
-        assert c >= 1 and (c == 1 or c * R * P * 4 <= _CPU_CHUNK_BYTES)
+        c = per_sample.auto_chunk(R, P, torch.float32, torch.device("cpu"))
+        assert c >= 1 and (c == 1 or c * R * P * 4 <= per_sample.CPU_CHUNK_BYTES)
     case = cases.cnn_case()
-    op = _VarianceOperator(case.model, case.batch, curvature="hessian")
-    c1, c8 = _ghost.auto_chunk(op, case.batch, 1), _ghost.auto_chunk(op, case.batch, 8)
+    fn = ModelFunction(case.model, case.batch)
+    c1, c8 = ghost.auto_chunk(fn, HessianOperator, case.batch, 1), ghost.auto_chunk(fn, HessianOperator, case.batch, 8)
     assert c1 >= c8 >= 1
 
 

@@ -9,8 +9,6 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from ..utils.data import is_empty
-
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 
 
@@ -276,34 +274,6 @@ class DistContext:
         if bool(rows[:, empty_col].all()):
             raise ValueError(f"every rank's data shard is empty (world size {self.world_size}); "
                              "there are no samples to average over.")
-
-    # ------------------------------------------------------------------ operator construction
-    def build_operator(self, op, cache_graph, hvp_mode: str) -> None:
-        """Build ``op`` on this rank's shard, then make ``op.N`` the total over ranks.
-
-        An empty shard is allowed (it contributes zero sums). All ranks raise together if any
-        rank's build failed, if all shards are empty, or if the ranks' models differ (P or weights).
-        """
-
-        empty = [False]
-
-        def local():
-            empty[0] = is_empty(op._data, op._single)
-            if empty[0]:
-                op.N, op._cache, op.cached, op.graph_bytes_estimate = 0, None, False, 0
-                op.hvp_mode = "reverse" if hvp_mode == "auto" else hvp_mode
-            else:
-                op._build(cache_graph, hvp_mode)
-
-        self.guard(local, "building the curvature operator on its data shard")
-        w = op.parameter_vector().double()
-        mine = torch.tensor([float(op.N), float(op.P), float(w.sum()), float(w.square().sum()), float(empty[0])],
-                            dtype=torch.float64, device=w.device)
-        rows = self.all_gather_small(mine)
-        counts = [int(c) for c in rows[:, 0].tolist()]
-        self.check_agreement(rows, P_col=1, same={(2, 4): "the model's weights (sum and sum of squares of the "
-                                                            "parameters)"}, empty_col=4)
-        op.N_local, op.N, op.rank_counts = op.N, sum(counts), counts
 
 
 # ---------------------------------------------------------------------------- accumulation states

@@ -1,5 +1,17 @@
-"""Matrix-free curvature operators over the model's trainable parameters (see :mod:`.base`)."""
-from .base import CURVATURES, HVP_MODES, CurvatureOperator, GGNOperator, HessianOperator, check_curvature, sum_scale
+"""Matrix-free curvature operators over the model's trainable parameters.
 
-__all__ = ["CURVATURES", "HVP_MODES", "CurvatureOperator", "GGNOperator", "HessianOperator", "check_curvature",
-           "sum_scale"]
+* :mod:`.functional`: :class:`ModelFunction`, the model and loss as functions of the parameters.
+* :mod:`.base`: :class:`CurvatureOperator`, the data loop, graph cache, normalisation, distributed
+  reduction and checks, and the registry of curvatures (``operator_class("ggn")``).
+* :mod:`.hessian`, :mod:`.ggn`: the two curvatures, one per-batch product each.
+* :mod:`.per_sample`, :mod:`.ghost`: per-sample products and ghost norms for the Hessian variance.
+"""
+from .base import HVP_MODES, CurvatureOperator, check_curvature, curvatures, operator_class
+from .functional import ModelFunction, sum_scale
+from .hessian import HessianOperator  # registered first: the default curvature, listed first in errors
+from .ggn import GGNOperator  # noqa: I001
+
+CURVATURES = curvatures()  # the built-in curvatures: ("hessian", "ggn")
+
+__all__ = ["CURVATURES", "HVP_MODES", "CurvatureOperator", "GGNOperator", "HessianOperator", "ModelFunction",
+           "check_curvature", "curvatures", "operator_class", "sum_scale"]

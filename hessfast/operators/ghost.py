@@ -37,19 +37,24 @@ from torch import nn
 
 from ..utils import data as _data
 from ..utils.memory import available_memory
-from .base import sum_scale
+from .functional import ModelFunction
+from .ggn import GGNOperator, jacobian_vector, linearize, output_hessian
+from .hessian import HessianOperator
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
-def unsupported_reason(op) -> Optional[str]:
-    """Why the ghost route cannot cover every trainable parameter of ``op.model``; None if it can."""
+def unsupported_reason(fn: ModelFunction, curvature: type) -> Optional[str]:
+    """Why the ghost route cannot compute the sums of ``curvature`` (an operator class) for every trainable
+    parameter of ``fn.model``; None if it can."""
+    if curvature not in _ROUTES:
+        return f"it has no rule for the {curvature.curvature!r} curvature (only for the Hessian and the GGN)"
     holders = Counter()
-    for _, mod in op.model.named_modules(remove_duplicate=False):
+    for _, mod in fn.model.named_modules(remove_duplicate=False):
         for p in mod.parameters(recurse=False):
             holders[id(p)] += 1
     covered = set()
-    for prefix, mod in op.model.named_modules():
+    for prefix, mod in fn.model.named_modules():
         if not isinstance(mod, SUPPORTED):
             continue
         if isinstance(mod, nn.Conv2d):
@@ -59,8 +64,8 @@ def unsupported_reason(op) -> Optional[str]:
             p = getattr(mod, pname, None)
             if p is not None:
                 covered.add(f"{prefix}.{pname}" if prefix else pname)
-    params = dict(op.model.named_parameters())
-    for name in op._names:
+    params = dict(fn.model.named_parameters())
+    for name in fn.names:
         if name not in covered:
             return f"parameter {name!r} is not in a Linear or (groups=1, zero-padded) Conv2d layer"
         if holders[id(params[name])] > 1:
@@ -68,11 +73,11 @@ def unsupported_reason(op) -> Optional[str]:
     return None
 
 
-def _layers(op) -> list:
+def _layers(fn: ModelFunction) -> list:
     """(module, weight name or None, bias name or None) of the supported layers holding trainable parameters."""
-    trainable = set(op._names)
+    trainable = set(fn.names)
     out = []
-    for prefix, mod in op.model.named_modules():
+    for prefix, mod in fn.model.named_modules():
         if isinstance(mod, SUPPORTED):
             w = f"{prefix}.weight" if prefix else "weight"
             b = f"{prefix}.bias" if prefix else "bias"
@@ -269,7 +274,7 @@ class _Norms:
 CPU_CHUNK_BYTES = 128 * 2 ** 20
 
 
-def auto_chunk(op, batch, R: int) -> int:
+def auto_chunk(fn: ModelFunction, curvature: type, batch, R: int) -> int:
     """Samples per ghost-route call: the route's tensors in about 1/8 of free memory (<= 1 GiB; on CPU
     <= ``CPU_CHUNK_BYTES``).
 
@@ -280,9 +285,10 @@ def auto_chunk(op, batch, R: int) -> int:
     activation, each probe adds its output gradients and input tangents, convolutions their
     unfolded patches, and the norms their Gram matrices or per-sample weight gradients.
     """
-    mods = {id(m) for m, _, _ in _layers(op)}
+    layers = _layers(fn)
+    mods = {id(m) for m, _, _ in layers}
+    streams = _ROUTES[curvature].streams
     per_sample = [0]
-    hessian = op.curvature == "hessian"
 
     def hook(mod, args, out):
         if id(mod) not in mods:
@@ -293,95 +299,121 @@ def auto_chunk(op, batch, R: int) -> int:
             d_in, d_out = mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1], mod.out_channels
         else:
             K, d_in, d_out = max(1, n_in // mod.in_features), mod.in_features, mod.out_features
-        K2 = 2 * K if hessian else K
+        K2 = streams * K
         norm = (1 + 2 * R) * K2 * K2 if K2 * (d_in + d_out) < d_in * d_out else 2 * d_in * d_out
         unfold = K * d_in if isinstance(mod, nn.Conv2d) else 0
         per_sample[0] += (6 + 3 * R) * (n_in + n_out) + (1 + R) * unfold + norm
 
-    inputs, _ = batch
-    one = _data._map_tensors(inputs, lambda t: t[:1])
-    handles = [m.register_forward_hook(hook) for m, _, _ in _layers(op)]
+    one = _data.map_tensors(batch[0], lambda t: t[:1])
+    handles = [m.register_forward_hook(hook) for m, _, _ in layers]
     try:
         with torch.no_grad():
-            op._forward(tuple(p.detach() for p in op._params), one)
+            fn.forward(fn.params, one)
     finally:
         for h in handles:
             h.remove()
-    itemsize = torch.empty((), dtype=op.dtype).element_size()
-    budget = min(2 ** 30, available_memory(op.device) // 8)
-    if op.device.type == "cpu":
+    itemsize = torch.empty((), dtype=fn.dtype).element_size()
+    budget = min(2 ** 30, available_memory(fn.device) // 8)
+    if fn.device.type == "cpu":
         budget = min(budget, CPU_CHUNK_BYTES)
     return max(1, int(budget // max(1, per_sample[0] * itemsize)))
 
 
-def ghost_sums(op, batch, V: torch.Tensor, batch_probes: bool = False, ggn_forward: Optional[bool] = None) -> tuple:
-    """Streamed sums of one batch by the ghost route (no per-sample vector is formed).
+class GhostSums:
+    """Streamed sums of a batch by the ghost route (no per-sample vector is formed), for ``curvature``
+    (:class:`~hessfast.operators.HessianOperator` or :class:`~hessfast.operators.GGNOperator`) on ``fn``.
 
     Hessian: one forward pass and one recorded backward pass, shared by all probes, then per probe the
     second backward pass of ``v . grad L`` (or one pass vmapped over the probes: ``batch_probes``).
     GGN with one probe: a forward-mode (dual-number) forward pass giving ``u = J v`` and the graph,
     ``q = H_out u``, and one backward pass of ``sum_i q_i . f_i``. GGN with several probes: one forward
     pass and one recorded backward pass ``J^T w`` shared by all probes, then per probe ``u = J v`` as
-    the reverse of that backward pass (the double-vjp trick), ``q`` and the backward pass of
-    ``sum_i q_i . f_i``. A probe's norms are formed right after its backward pass (:class:`_Norms`),
-    the probe-independent factors once per batch.
+    the reverse of that backward pass (the double-vjp trick of :mod:`.ggn`), ``q`` and the backward
+    pass of ``sum_i q_i . f_i``. A probe's norms are formed right after its backward pass
+    (:class:`_Norms`), the probe-independent factors once per batch.
 
-    Args:
-        op: the variance operator (functional model, loss, parameter layout; see hessfast.variance).
-        batch: one prepared ``(inputs, targets)`` batch of c samples.
-        V: (R, P) unit probes.
-        batch_probes: Hessian only: one backward pass for all probes, vmapped over them
-            (``is_grads_batched``), instead of a loop of backward passes. Off by default: on CPU the
-            loop was measured faster (MLP, R = 4: 35 ms against 51 ms with one thread, 23 against 31
-            with two); not measured on an accelerator, where it may pay.
-        ggn_forward: GGN only: ``u = J v`` by dual numbers (True) or by the double-vjp trick (False);
-            default dual numbers for one probe, the double-vjp trick for several (it shares the forward
-            pass, and its tangents were measured cheaper: MLP, 4 probes, 9.5 ms against 13.3 ms), and
-            always the double-vjp trick after an operation without a forward-mode derivative.
+    Attributes:
+        forward_mode_failed: True once the GGN's dual-number pass met an operation without a
+            forward-mode derivative; from then on ``u = J v`` always comes from the double-vjp trick.
 
-    Returns:
-        ``(sum_sq (R,) float64, sum_u (R, P), sum_vu (R,) float64)``: ``sum_i ||C_i v_r||^2``,
-        ``sum_i C_i v_r`` and ``sum_i v_r . C_i v_r``, with ``C_i`` the per-sample Hessian or GGN of the
-        per-sample loss.
+    Raises:
+        ValueError: when the route does not cover the model (:func:`unsupported_reason`).
     """
-    if getattr(op, "_ghost_layers", None) is None:
-        op._ghost_layers = _layers(op)
-    layers = op._ghost_layers
-    flags = {id(m): (w is not None, b is not None) for m, w, b in layers}
-    Vs = op._split(V)
-    hessian = op.curvature == "hessian"
-    with torch.enable_grad(), _taps(layers, tangent_taps=hessian) as st:
-        if hessian:
-            sum_sq, sum_u = _hessian_double_backward(op, st, batch, Vs, flags, batch_probes)
-        else:
-            done = False
-            if ggn_forward is None:
-                ggn_forward = Vs[0].shape[0] == 1
-            if ggn_forward and not getattr(op, "_ghost_double_vjp", False):
-                try:
-                    sum_sq, sum_u = _ggn_forward_mode(op, st, batch, Vs, flags)
-                    done = True
-                except RuntimeError:  # an operation without a forward-mode derivative
-                    op._ghost_double_vjp = True
-            if not done:
-                sum_sq, sum_u = _ggn_double_vjp(op, st, batch, Vs, flags)
-    return sum_sq.to(V.device), sum_u, (sum_u * V).sum(1).double()
+
+    def __init__(self, fn: ModelFunction, curvature: type):
+        reason = unsupported_reason(fn, curvature)
+        if reason is not None:
+            raise ValueError(f"the ghost route cannot be used for this model: {reason}.")
+        self.fn, self.route = fn, _ROUTES[curvature]
+        self.layers = _layers(fn)
+        self.flags = {id(m): (w is not None, b is not None) for m, w, b in self.layers}
+        self.forward_mode_failed = False
+
+    def __call__(self, batch, V: torch.Tensor, batch_probes: bool = False,
+                 ggn_forward: Optional[bool] = None) -> tuple:
+        """The sums of one prepared batch of c samples for the unit probes ``V`` (R, P).
+
+        Args:
+            batch_probes: Hessian only: one backward pass for all probes, vmapped over them
+                (``is_grads_batched``), instead of a loop of backward passes. Off by default: on CPU the
+                loop was measured faster (MLP, R = 4: 35 ms against 51 ms with one thread, 23 against 31
+                with two); not measured on an accelerator, where it may pay.
+            ggn_forward: GGN only: ``u = J v`` by dual numbers (True) or by the double-vjp trick (False);
+                default dual numbers for one probe, the double-vjp trick for several (it shares the forward
+                pass, and its tangents were measured cheaper: MLP, 4 probes, 9.5 ms against 13.3 ms), and
+                always the double-vjp trick after an operation without a forward-mode derivative.
+
+        Returns:
+            ``(sum_sq (R,) float64, sum_u (R, P), sum_vu (R,) float64)``: ``sum_i ||C_i v_r||^2``,
+            ``sum_i C_i v_r`` and ``sum_i v_r . C_i v_r``, with ``C_i`` the per-sample Hessian or GGN of the
+            per-sample loss.
+        """
+        Vs = self.fn.unflatten(V)
+        with torch.enable_grad(), _taps(self.layers, tangent_taps=self.route.tangent_taps) as st:
+            sum_sq, sum_u = self.route.sums(self, st, batch, Vs, batch_probes, ggn_forward)
+        return sum_sq.to(V.device), sum_u, (sum_u * V).sum(1).double()
 
 
-def _flat(op, parts, Vs, r):
-    return op._flat([torch.zeros_like(v[r]) if p is None else p for p, v in zip(parts, Vs)])
+class _HessianRoute:
+    """Primal and tangent streams (two per layer call), both read from one double backward."""
+
+    tangent_taps, streams = True, 2
+
+    @staticmethod
+    def sums(ghost: GhostSums, st, batch, Vs, batch_probes: bool, ggn_forward) -> tuple:
+        return _hessian_double_backward(ghost.fn, st, batch, Vs, ghost.flags, batch_probes)
+
+
+class _GGNRoute:
+    """One stream per layer call: the gradients of the pseudo-loss ``sum_i q_i . f_i``."""
+
+    tangent_taps, streams = False, 1
+
+    @staticmethod
+    def sums(ghost: GhostSums, st, batch, Vs, batch_probes: bool, ggn_forward: Optional[bool]) -> tuple:
+        if ggn_forward is None:
+            ggn_forward = Vs[0].shape[0] == 1
+        if ggn_forward and not ghost.forward_mode_failed:
+            try:
+                return _ggn_forward_mode(ghost.fn, st, batch, Vs, ghost.flags)
+            except RuntimeError:  # an operation without a forward-mode derivative
+                ghost.forward_mode_failed = True
+        return _ggn_double_vjp(ghost.fn, st, batch, Vs, ghost.flags)
+
+
+# The curvatures the route has identities for, by operator class (a subclass may change the product).
+_ROUTES = {HessianOperator: _HessianRoute, GGNOperator: _GGNRoute}
 
 
 def _reset(st: _TapState) -> None:
     st.modules, st.inputs, st.out_taps, st.in_taps, st.out_grads = [], [], [], [], []
 
 
-def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, batch_probes: bool) -> tuple:
-    inputs, targets = batch
+def _hessian_double_backward(fn: ModelFunction, st: _TapState, batch, Vs, flags, batch_probes: bool) -> tuple:
     R = Vs[0].shape[0]
     _reset(st)
-    params = op._leaf_params()
-    loss = op.loss_fn(op._forward(params, inputs), targets) * sum_scale(op.loss_fn, _data.batch_size(batch))
+    params = fn.leaf_params()
+    loss = fn.batch_loss(params, batch)
     n_p, e_taps = len(params), tuple(st.out_taps)
     first = torch.autograd.grad(loss, params + e_taps, create_graph=True, allow_unused=True)
     grads, deltas = first[:n_p], [None if d is None else d.detach() for d in first[n_p:]]   # delta = dl/dz
@@ -390,7 +422,7 @@ def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, batch_probes: 
     live = [i for i, gr in enumerate(grads) if gr is not None and gr.requires_grad]
     outs = [grads[i] for i in live]
     sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
-    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
+    sum_u = torch.zeros(R, fn.P, dtype=Vs[0].dtype, device=Vs[0].device)
     if not live:                                                    # the loss is linear in w: C_i = 0
         return sum_sq, sum_u
     norms = _Norms(st, flags, deltas)
@@ -405,66 +437,55 @@ def _hessian_double_backward(op, st: _TapState, batch, Vs, flags, batch_probes: 
         tangents = [None] * len(st.modules)                                                 # a' = (da/dw) v
         for j, k in enumerate(t_index):
             tangents[k] = second[n_p + len(e_taps) + j]
-        sum_u[r] = _flat(op, second[:n_p], Vs, r)
+        sum_u[r] = fn.flatten(second[:n_p])
         sum_sq[r] = norms(list(second[n_p:n_p + len(e_taps)]), tangents)
     return sum_sq, sum_u
 
 
-def _output_hessian(op, out, targets, scale) -> tuple:
-    """(leaf copy of the outputs, d loss / d outputs with its graph): q = H_out u is one backward pass."""
-    out_d = out.detach().requires_grad_(True)
-    (g_out,) = torch.autograd.grad(op.loss_fn(out_d, targets) * scale, out_d, create_graph=True)
-    return out_d, g_out
-
-
-def _ggn_probe(op, st: _TapState, out, params, out_d, g_out, u, norms, Vs, r: int, retain: bool) -> tuple:
+def _ggn_probe(fn: ModelFunction, st: _TapState, out, params, out_d, g_out, u, norms, retain: bool) -> tuple:
     """One probe's (sum_i G_i v (P,), sum_i ||G_i v||^2) from u = J v: q = H_out u, then J^T q with the
     layer hooks recording what the ghost norms need."""
     (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=retain)                          # H_out,i u_i
     second = torch.autograd.grad(out, params, q, retain_graph=retain, allow_unused=True)   # fills st.out_grads
-    return _flat(op, second, Vs, r), norms(list(st.out_grads))
+    return fn.flatten(second), norms(list(st.out_grads))
 
 
-def _ggn_forward_mode(op, st: _TapState, batch, Vs, flags) -> tuple:
+def _ggn_forward_mode(fn: ModelFunction, st: _TapState, batch, Vs, flags) -> tuple:
     """GGN sums with ``u = J v`` from a dual-number forward pass whose primal carries the autograd graph."""
     import torch.autograd.forward_ad as fwAD
 
-    inputs, targets = batch
     R = Vs[0].shape[0]
     sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
-    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
+    sum_u = torch.zeros(R, fn.P, dtype=Vs[0].dtype, device=Vs[0].device)
     out_d = g_out = norms = None
     for r in range(R):
         _reset(st)
-        params = op._leaf_params()
+        params = fn.leaf_params()
         with fwAD.dual_level():
-            dual = op._forward(tuple(fwAD.make_dual(p, v[r]) for p, v in zip(params, Vs)), inputs)
+            dual = fn.forward(tuple(fwAD.make_dual(p, v[r]) for p, v in zip(params, Vs)), batch[0])
             out, u = fwAD.unpack_dual(dual)
             st.inputs = [fwAD.unpack_dual(a).primal for a in st.inputs]
         if g_out is None:
-            out_d, g_out = _output_hessian(op, out, targets, sum_scale(op.loss_fn, _data.batch_size(batch)))
+            out_d, g_out = output_hessian(fn, out, batch)
             norms = _Norms(st, flags)
         u = torch.zeros_like(out) if u is None else u
-        sum_u[r], sum_sq[r] = _ggn_probe(op, st, out, params, out_d, g_out, u, norms, Vs, r, retain=r < R - 1)
+        sum_u[r], sum_sq[r] = _ggn_probe(fn, st, out, params, out_d, g_out, u, norms, retain=r < R - 1)
     return sum_sq, sum_u
 
 
-def _ggn_double_vjp(op, st: _TapState, batch, Vs, flags) -> tuple:
+def _ggn_double_vjp(fn: ModelFunction, st: _TapState, batch, Vs, flags) -> tuple:
     """GGN sums with ``u = J v`` by the double-vjp trick (J v = d(J^T w)/dw^T v), reverse mode only."""
-    inputs, targets = batch
     R = Vs[0].shape[0]
     sum_sq = torch.zeros(R, dtype=torch.float64, device=Vs[0].device)
-    sum_u = torch.zeros(R, op.P, dtype=Vs[0].dtype, device=Vs[0].device)
+    sum_u = torch.zeros(R, fn.P, dtype=Vs[0].dtype, device=Vs[0].device)
     _reset(st)
-    params = op._leaf_params()
-    out = op._forward(params, inputs)
-    out_d, g_out = _output_hessian(op, out, targets, sum_scale(op.loss_fn, _data.batch_size(batch)))
-    dummy = torch.zeros_like(out, requires_grad=True)
-    jtu = torch.autograd.grad(out, params, dummy, create_graph=True, allow_unused=True)
-    keep = [i for i, t in enumerate(jtu) if t is not None]
+    params = fn.leaf_params()
+    out = fn.forward(params, batch[0])
+    out_d, g_out = output_hessian(fn, out, batch)
+    w, jtw = linearize(out, params)
     norms = _Norms(st, flags)
     for r in range(R):
-        (u,) = torch.autograd.grad([jtu[i] for i in keep], dummy, [Vs[i][r] for i in keep], retain_graph=True)
+        (u,) = jacobian_vector(jtw, [w], tuple(v[r] for v in Vs))
         st.out_grads[:] = [None] * len(st.out_grads)
-        sum_u[r], sum_sq[r] = _ggn_probe(op, st, out, params, out_d, g_out, u, norms, Vs, r, retain=True)
+        sum_u[r], sum_sq[r] = _ggn_probe(fn, st, out, params, out_d, g_out, u, norms, retain=True)
     return sum_sq, sum_u

@@ -81,12 +81,16 @@ def batch_size(batch: Batch) -> int:
     return int(batch[1].shape[0])
 
 
-def _map_tensors(x: Any, fn) -> Any:
+def map_tensors(x: Any, fn) -> Any:
+    """``fn`` applied to every tensor of ``x`` (a tensor, a tuple/list or a dict of tensors), same structure."""
     if isinstance(x, torch.Tensor):
         return fn(x)
     if isinstance(x, Mapping):
         return {k: fn(v) for k, v in x.items()}
     return type(x)(fn(v) for v in x)
+
+
+_map_tensors = map_tensors  # alias: hessfast.prediction reads this name
 
 
 def tensors_of(x: Any) -> list:
@@ -110,7 +114,7 @@ def prepare_batch(batch: Batch, device: torch.device, dtype: torch.dtype | None,
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    return _map_tensors(inputs, cast), cast(targets)
+    return map_tensors(inputs, cast), cast(targets)
 
 
 def call_model(forward, inputs: Any) -> torch.Tensor:
@@ -134,3 +138,73 @@ def is_empty(data: Any, single: bool) -> bool:
     for _ in data:
         return False
     return True
+
+
+def count_samples(data: Any) -> int:
+    """Number of samples in ``data`` (one batch or an iterable of batches); one pass over the batches."""
+    return sum(batch_size(b) for b in iter_batches(data))
+
+
+# ---------------------------------------------------------------------------- regrouping batches
+def split_batch(batch: Batch, size: int) -> Iterator[Batch]:
+    """The batch in consecutive pieces of at most ``size`` samples (the batch itself if it is small enough)."""
+    inputs, targets = batch
+    n = batch_size(batch)
+    if n <= size:
+        yield batch
+        return
+    for s in range(0, n, size):
+        yield map_tensors(inputs, lambda t: t[s:s + size]), targets[s:s + size]
+
+
+def concat_batches(parts: list) -> Batch | None:
+    """One batch from a list of batches of the same structure, or None where they cannot be concatenated
+    (inputs whose shapes, dtypes or keys differ, e.g. sequences of different lengths)."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0][0]
+    try:
+        if isinstance(first, torch.Tensor):
+            inputs = torch.cat([p[0] for p in parts])
+        elif isinstance(first, Mapping):
+            inputs = {k: torch.cat([p[0][k] for p in parts]) for k in first}
+        else:
+            inputs = type(first)(torch.cat(ts) for ts in zip(*(p[0] for p in parts)))
+        return inputs, torch.cat([p[1] for p in parts])
+    except (RuntimeError, TypeError, KeyError, ValueError):
+        return None
+
+
+def rechunk(batches, size: int) -> Iterator[Batch]:
+    """Batches regrouped into chunks of ``size`` samples (the last may be smaller), samples in order.
+
+    Small batches are merged (fewer, larger calls: per-call Python and autograd overhead is paid once
+    per chunk) and large ones split. Batches that cannot be concatenated (:func:`concat_batches`) are
+    passed on as they come, split where larger than ``size``.
+    """
+    buf, count = [], 0
+
+    def flush():
+        merged = concat_batches(buf)
+        return list(buf) if merged is None else [merged]
+
+    for batch in batches:
+        n = batch_size(batch)
+        if buf and count + n > size:
+            yield from flush()
+            buf, count = [], 0
+        for part in split_batch(batch, size):
+            m = batch_size(part)
+            if m == size:
+                yield part
+            else:
+                buf.append(part)
+                count += m
+    if buf:
+        yield from flush()
+
+
+def select_rows(batch: Batch, rows: torch.Tensor) -> Batch:
+    """The samples ``rows`` (an index tensor) of a batch."""
+    inputs, targets = batch
+    return map_tensors(inputs, lambda t: t[rows.to(t.device)]), targets[rows.to(targets.device)]

@@ -1,0 +1,105 @@
+"""The Generalised Gauss-Newton matrix G = (1/N) sum_i J_i^T H_out,i J_i (Section 7 of the paper).
+
+``J_i = d f(x_i) / d w`` is the Jacobian of sample i's outputs and ``H_out,i = d^2 l_i / d f^2`` the
+Hessian of its loss in the outputs, so G is positive semi-definite for a convex loss. A product is
+``J v`` (a forward-mode derivative), ``H_out`` times it, then ``J^T`` (a backward pass).
+
+In reverse mode ``J v`` comes from the *double-vjp trick*: ``J^T u`` is linear in the cotangent u,
+so its derivative in u along v is ``J v``, one more backward pass through the recorded graph of
+``J^T u`` (:func:`linearize`, :func:`jacobian_vector`). The ghost-norm route of the Hessian variance
+(:mod:`.ghost`) uses the same functions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import CurvatureOperator
+from .functional import ModelFunction, add_parts
+
+
+# ---------------------------------------------------------------------------- the pieces of a product
+def output_hessian(fn: ModelFunction, out: torch.Tensor, batch) -> tuple:
+    """``(out_d, grad_out)``: a leaf copy of the outputs and ``d(sum of the losses)/d out_d`` with its graph,
+    so that ``H_out u`` is one backward pass, ``autograd.grad(grad_out, out_d, u)``."""
+    out_d = out.detach().requires_grad_(True)
+    (grad_out,) = torch.autograd.grad(fn.output_loss(out_d, batch), out_d, create_graph=True)
+    return out_d, grad_out
+
+
+def linearize(out: torch.Tensor, params: tuple) -> tuple:
+    """``(u, jtu)``: a zero cotangent u (requires grad) and ``J^T u`` recorded with its graph
+    (None for a parameter the outputs do not depend on); :func:`jacobian_vector` then gives ``J v``."""
+    u = torch.zeros_like(out, requires_grad=True)
+    return u, torch.autograd.grad(out, params, u, create_graph=True, allow_unused=True)
+
+
+def jacobian_vector(jtu: tuple, us: list, v: tuple, batched: bool = False, retain: bool = True) -> tuple:
+    """``J v`` for each cotangent in ``us`` by the double-vjp trick: ``d(J^T u . v)/du``.
+
+    ``jtu`` may be the sum over batches of their ``J_b^T u_b`` (then one call gives every batch's
+    ``J_b v``); ``v``: parameter-shaped tuple (leading block dimension when ``batched``).
+    """
+    keep = [i for i, t in enumerate(jtu) if t is not None]
+    return torch.autograd.grad([jtu[i] for i in keep], us, [v[i] for i in keep], retain_graph=retain,
+                               is_grads_batched=batched)
+
+
+@dataclass
+class GGNGraph:
+    """The graph of one batch (or of merged batches, one list entry per batch) for GGN products.
+
+    ``params``: leaf parameters; ``out``: outputs f(w); ``out_d``, ``grad_out``: :func:`output_hessian`;
+    ``u``: the zero cotangents and ``jtu`` the summed ``J^T u`` of :func:`linearize`.
+    """
+
+    params: tuple
+    out: list
+    out_d: list
+    grad_out: list
+    u: list
+    jtu: tuple
+
+
+class GGNOperator(CurvatureOperator):
+    """The Generalised Gauss-Newton matrix ``G v = (1/N) sum_i J_i^T H_out,i J_i v``; arguments as
+    :class:`CurvatureOperator`."""
+
+    curvature = "ggn"
+
+    def build_graph(self, batch, params: tuple) -> GGNGraph:
+        out = self.fn.forward(params, batch[0])
+        out_d, grad_out = output_hessian(self.fn, out, batch)
+        u, jtu = linearize(out, params)
+        return GGNGraph(params, [out], [out_d], [grad_out], [u], jtu)
+
+    def merge_graphs(self, graphs: list) -> list:
+        """One graph for all batches: the ``J^T u`` add up and the per-batch pieces are listed, so a
+        product is three backward calls instead of three per batch."""
+        g0 = graphs[0]
+        merged = GGNGraph(g0.params, list(g0.out), list(g0.out_d), list(g0.grad_out), list(g0.u), g0.jtu)
+        for g in graphs[1:]:
+            merged.jtu = add_parts(merged.jtu, g.jtu)
+            for name in ("out", "out_d", "grad_out", "u"):
+                getattr(merged, name).extend(getattr(g, name))
+        return [merged]
+
+    def graph_product(self, graph: GGNGraph, v: tuple, batched: bool = False) -> tuple:
+        """``J^T H_out J v``: J v by the double-vjp trick, then H_out, then J^T (three backward passes)."""
+        jv = jacobian_vector(graph.jtu, graph.u, v, batched)
+        hjv = torch.autograd.grad(graph.grad_out, graph.out_d, jv, retain_graph=True, is_grads_batched=batched)
+        return torch.autograd.grad(graph.out, graph.params, hjv, retain_graph=True, allow_unused=True,
+                                   is_grads_batched=batched)
+
+    @staticmethod
+    def functional_product(fn: ModelFunction, params: tuple, batch, v: tuple, reverse: bool = False) -> tuple:
+        """``sum_{i in batch} J_i^T H_out,i J_i v`` with torch.func (``reverse``: H_out by vjp of grad)."""
+        f = lambda p: fn.forward(p, batch[0])  # noqa: E731
+        out, jv = torch.func.jvp(f, (params,), (v,))
+        grad_out = torch.func.grad(lambda o: fn.output_loss(o, batch))
+        if reverse:
+            hjv = torch.func.vjp(grad_out, out.detach())[1](jv)[0]
+        else:
+            hjv = torch.func.jvp(grad_out, (out.detach(),), (jv,))[1]
+        return torch.func.vjp(f, params)[1](hjv)[0]
