@@ -8,12 +8,14 @@ from ._version import __version__
 from .engine import BasisMemoryError, LanczosResult, NonFiniteError, lanczos_decomposition
 from .slq import lanczos
 from .operators import CurvatureOperator, GGNOperator, HessianOperator
-from .spectrum import Degeneracy, Spectrum
+from .spectrum import Degeneracy, SpectralEstimate, Spectrum
 from . import theory
 from .theory import scale_lr
 from .variance import HessianVariance, hessian_variance
 from .prediction import Prediction, predict
+from .advice import LRAdvice, lr_advice
 from .tuner import CurvatureTuner
+from .estimators import DiagonalEstimate, LossLandscape, TraceEstimate, diagonal, loss_landscape, trace
 
 
 def backends() -> dict:
@@ -27,4 +29,6 @@ __all__ = [
     "__version__", "lanczos", "lanczos_decomposition", "LanczosResult", "Spectrum", "Degeneracy",
     "CurvatureOperator", "HessianOperator", "GGNOperator", "NonFiniteError", "BasisMemoryError", "backends",
     "theory", "scale_lr", "hessian_variance", "HessianVariance", "predict", "Prediction", "CurvatureTuner",
+    "lr_advice", "LRAdvice",
+    "trace", "TraceEstimate", "diagonal", "DiagonalEstimate", "loss_landscape", "LossLandscape", "SpectralEstimate",
 ]
