@@ -6,7 +6,6 @@ and Gauss-quadrature weights (Theorem 13 of the paper) into a :class:`Spectrum`.
 """
 from __future__ import annotations
 
-import functools
 import time
 from typing import Any, Callable, Optional
 
@@ -17,8 +16,8 @@ from tqdm.auto import tqdm
 from . import distributed as _distributed
 from ._version import __version__
 from .engine import runner as _runner
-from .engine.block import block_lanczos_spectrum
-from .engine.lanczos import REORTH, check_basis_dtype, check_basis_memory, lanczos_decomposition, probe_vectors
+from .engine.block import planned_steps, spectrum_rows
+from .engine.lanczos import check_reorth, probe_vectors
 from .operators import CurvatureOperator
 from .spectrum import Spectrum
 
@@ -37,7 +36,9 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             as a ``DataLoader`` (the empirical Hessian of the mean loss over all N samples, eq. 2).
         m: Lanczos steps per probe, 1 <= m <= P (the paper uses 100).
         curvature: ``"hessian"`` or ``"ggn"``.
-        loss_fn: ``loss_fn(outputs, targets)``, mean or sum reduction; default cross-entropy.
+        loss_fn: a :class:`hessfast.losses.Loss` (e.g. ``hessfast.losses.causal_lm()``: the mean over all
+            tokens of the data set) or a plain ``loss_fn(outputs, targets)``, mean or sum reduction;
+            default ``hessfast.losses.cross_entropy()``.
         num_probes: independent random probes; the spectrum averages them (stochastic Lanczos quadrature).
         seed: makes the probes, hence the whole result, reproducible.
         bn_mode: ``"eval"`` or ``"train"`` batch norm (Appendix E); the model is never modified.
@@ -45,15 +46,20 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
         reorth: ``"full"`` (CGS2 against the stored (m+1) x P basis) or ``"none"`` (three vectors;
             loss of orthogonality makes ghost copies of converged eigenvalues appear).
         block_size: b > 1 runs block Lanczos with b starting vectors (resolves repeated eigenvalues).
-        hvp_mode: ``"auto"``, ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
-        backend: reorthogonalisation kernels: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``.
+        hvp_mode: ``"auto"``, ``"reverse"`` (double backward), ``"forward"`` (forward-over-reverse) or
+            ``"fd"`` (finite differences of gradients); ``"auto"`` falls back to fd with a warning when an
+            operation lacks a second derivative (:class:`CurvatureOperator`). Dropout is always off;
+            ``meta`` records ``hvp_mode``, ``dropout`` and any ``hvp_fallback``.
+        backend: reorthogonalisation kernels: ``"auto"``, ``"torch"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+            (``meta["backend"]`` records the one that ran, ``meta["backend_requested"]`` this argument;
+            the host-memory and sharded bases run plain PyTorch).
         cache_graph: keep autograd graphs between products when they fit (``"auto"``), always, never.
         progress: tqdm progress bar; default on in a terminal; only rank 0 of a process group shows it.
         distributed: ``None`` (use the torch.distributed process group when one is initialised), ``True``,
             ``False`` or a ``ProcessGroup``: ``data`` is then this rank's shard and every rank returns the
             same Spectrum of the mean over all ranks' samples (see :mod:`hessfast.distributed`).
         shard_basis: store only this rank's 1/world_size slice of every Lanczos vector (default: when
-            distributed, block_size=1 and P >= 10^6 or the replicated basis would crowd the device).
+            distributed and P >= 10^6 or the replicated basis would crowd the device).
         basis_device: where the (m+1) x P basis lives, e.g. ``"cpu"`` to keep it in host memory and
             stream it through the compute device in tiles (default: the operator's device).
         basis_dtype: dtype of the stored basis: None (the compute dtype) or ``torch.bfloat16`` with
@@ -64,75 +70,79 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             Works with every basis placement (shard_basis, basis_device) and with block_size > 1.
 
     Returns:
-        :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m).
+        :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m) (block Lanczos:
+        (num_probes, ceil(m / b) b)); ``meta`` records what ran: the basis placement (``"device"``,
+        ``"host"``, ``"sharded"`` or ``"three-vector"``), the backend, the product mode and more.
     """
     start = time.perf_counter()
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
-        raise TypeError(f"m must be an integer number of Lanczos steps, got {type(m).__name__}.")
-    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
-        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
-    if reorth not in REORTH:
-        raise ValueError(f"unknown reorth {reorth!r}; choose 'full' or 'none'.")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}.")
-    if m < 1:
-        raise ValueError(f"m must be at least 1, got {m}.")
-    if isinstance(model, CurvatureOperator):
-        if data is not None:
-            raise ValueError("pass either (model, data) or an operator alone, not an operator and data.")
-        op = model
-    else:
-        if data is None:
-            raise TypeError("lanczos(model, data, ...) needs data: an (inputs, targets) batch or a DataLoader.")
-        op = CurvatureOperator(model, data, curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype,
-                               hvp_mode=hvp_mode, cache_graph=cache_graph,
-                               progress=bool(progress) and _distributed.is_main(distributed), distributed=distributed)
+    _check_counts(m, num_probes, block_size)
+    check_reorth(reorth)
+    op = _operator(model, data, curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype, hvp_mode=hvp_mode,
+                   cache_graph=cache_graph, progress=progress, distributed=distributed)
     P = op.P
     if m > P:
         raise ValueError(f"m = {m} exceeds the number of parameters P = {P}: a Krylov space has at most P "
                          f"dimensions. Use m <= {P}.")
-    if op._dist is not None and not op._dist.is_main:
+    if op.dist is not None and not op.dist.is_main:
         progress = False
-    qdtype = check_basis_dtype(basis_dtype, op.dtype, reorth)
-    runner = _runner.basis_runner(op, m, reorth=reorth, block_size=block_size, shard_basis=shard_basis,
-                                       basis_device=basis_device, announce=tqdm.write if progress else None,
-                                       basis_dtype=qdtype)
-    if reorth == "full" and runner is None:
-        check_basis_memory(m, P, qdtype, op.device, block_size)
-    decompose = runner if runner is not None else functools.partial(lanczos_decomposition, op.matvec,
-                                                                    basis_dtype=qdtype)
-
+    runner = _runner.operator_lanczos(op, m, reorth=reorth, block_size=block_size, shard_basis=shard_basis,
+                                      basis_device=basis_device, basis_dtype=basis_dtype, backend=backend,
+                                      announce=tqdm.write if progress else None)
     bar = tqdm(total=num_probes * m, desc=f"hessfast: lanczos ({op.curvature})", unit="step",
                disable=None if progress is None else not progress, leave=False)
     probes = probe_vectors(num_probes, P, _runner.common_seed(op, seed), op.dtype, op.device)
-    ritz = np.full((num_probes, m), np.nan)
-    weights = np.zeros((num_probes, m))
-    steps, breakdown = [], []
+    results, width = [], 0
     try:
-        if block_size > 1:
-            ritz, weights, steps, breakdown = block_lanczos_spectrum(
-                op.matmat, probes, m, block_size, reorth=reorth, backend=backend, bar=bar,
-                basis_dtype=None if qdtype == op.dtype else qdtype)
-        else:
-            for p in range(num_probes):
-                res = decompose(probes[p], m, reorth=reorth, backend=backend, step_callback=bar.update,
-                                where=f" of probe {p}")
-                theta, w = res.ritz()
-                ritz[p, : res.steps] = theta
-                weights[p, : res.steps] = w
-                steps.append(res.steps)
-                breakdown.append(res.breakdown)
-                bar.update(m - res.steps)
+        for first in range(0, num_probes, block_size):
+            V = probes[first:first + block_size]
+            b = V.shape[0]
+            label = f" of probe {first}" if b == 1 else f" of probes {first}-{first + b - 1}"
+            res = runner(V, m, step_callback=lambda n, b=b: bar.update(n * b), where=label, seed=first)
+            results.append((first, res))
+            width = max(width, planned_steps(m, b, P) * b)
+            bar.update(max(m - res.size, 0) * b)   # a run that broke down: its remaining steps
     finally:
         bar.close()
-    meta = {
-        "P": P, "N": op.N, "m": m, "num_probes": num_probes, "curvature": op.curvature, "seed": seed,
+    ritz, weights, steps, breakdown = spectrum_rows(results, width)
+    meta = _meta(op, runner, m=m, num_probes=num_probes, seed=seed, reorth=reorth, block_size=block_size,
+                 backend=backend, steps=steps, breakdown=breakdown, start=start)
+    return Spectrum(ritz, weights, meta)
+
+
+def _meta(op, runner, *, m, num_probes, seed, reorth, block_size, backend, steps, breakdown, start) -> dict:
+    """Spectrum.meta: the call's arguments and what actually ran (product mode, backend, basis placement)."""
+    op_meta = op.meta()
+    return {
+        "P": op.P, "N": op.N, "m": m, "num_probes": num_probes, "curvature": op.curvature, "seed": seed,
         "bn_mode": op.bn_mode, "dtype": str(op.dtype).replace("torch.", ""), "reorth": reorth,
-        "basis_dtype": str(qdtype).replace("torch.", ""),
-        "block_size": block_size, "hvp_mode": op.hvp_mode, "cached_graph": op.cached, "backend": backend,
-        "device": str(op.device), "single_batch": op._single, "steps": list(map(int, steps)),
+        "basis_dtype": str(runner.basis_dtype).replace("torch.", ""), "block_size": block_size,
+        "hvp_mode": op_meta["hvp_mode"], "cached_graph": op_meta["cached"], "backend_requested": backend,
+        **{k: op_meta[k] for k in ("dropout", "loss", "loss_terms", "attention", "hvp_fallback") if k in op_meta},
+        "device": str(op.device), "single_batch": op_meta["single_batch"], "steps": list(map(int, steps)),
         "breakdown": bool(any(breakdown)), "elapsed": time.perf_counter() - start,
         "hessfast_version": __version__, "torch_version": torch.__version__,
         **_runner.run_meta(op, runner),
     }
-    return Spectrum(ritz, weights, meta)
+
+
+def _check_counts(m, num_probes, block_size) -> None:
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
+        raise TypeError(f"m must be an integer number of Lanczos steps, got {type(m).__name__}.")
+    if isinstance(num_probes, bool) or not isinstance(num_probes, (int, np.integer)) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}.")
+    if m < 1:
+        raise ValueError(f"m must be at least 1, got {m}.")
+
+
+def _operator(model, data, *, progress, distributed, **kwargs) -> CurvatureOperator:
+    """The operator of a call: ``model`` itself when it is one, else built from (model, data)."""
+    if isinstance(model, CurvatureOperator):
+        if data is not None:
+            raise ValueError("pass either (model, data) or an operator alone, not an operator and data.")
+        return model
+    if data is None:
+        raise TypeError("lanczos(model, data, ...) needs data: an (inputs, targets) batch or a DataLoader.")
+    return CurvatureOperator(model, data, progress=bool(progress) and _distributed.is_main(distributed),
+                             distributed=distributed, **kwargs)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from hessfast.engine.block import block_lanczos, block_lanczos_spectrum
+from hessfast.engine import block_lanczos, block_lanczos_spectrum
 from test_kernels import BACKENDS, _device
 
 

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 import hessfast
 from hessfast import distributed as hd
-from hessfast.engine.sharded import BasisLanczos, project_out
+from hessfast.engine import BasisLanczos, project_out
 from hessfast.utils.memory import plan_basis
 from hessfast.kernels import SquaredHVPAccumulator
 from hessfast.kernels.reference import cgs2_reference
@@ -91,6 +91,7 @@ def _worker(rank, world, port, outdir):
         op = hessfast.CurvatureOperator(case.model, data, curvature=curvature, cache_graph=False)
         out[f"N/{curvature}"] = (op.N, op.N_local)
         out[f"mv/{curvature}"] = op.matvec(v)
+        out[f"op/{curvature}"] = (op.meta(), op.local_sum(v))
         for shard in (True, False):
             spec = hessfast.lanczos(case.model, data, m=M, curvature=curvature, seed=SEED, shard_basis=shard,
                                     progress=False)
@@ -101,6 +102,9 @@ def _worker(rank, world, port, outdir):
     # block Lanczos runs on the replicated basis with all-reduced block products
     spec = hessfast.lanczos(case.model, data, m=8, block_size=2, seed=SEED, progress=False)
     out["block"] = spec.ritz_values
+    # block Lanczos on the sharded basis: the block QR runs on slices with all-reduced dot products
+    spec = hessfast.lanczos(case.model, data, m=8, block_size=2, seed=SEED, shard_basis=True, progress=False)
+    out["block_sharded"] = (spec.ritz_values, spec.meta["basis"])
     # sharded basis streamed in tiles of 4 rows: the same Ritz values
     op = hessfast.HessianOperator(case.model, data)
     res = BasisLanczos(op, M, shard=True, tile_rows=4)(v, M)
@@ -178,9 +182,16 @@ def test_products_are_exact_global_means(ranks, curvature):
     op = hessfast.CurvatureOperator(case.model, case.batch, curvature=curvature)
     v = probe_vectors(1, op.P, 11, torch.float64, torch.device("cpu"))[0]
     want = op.matvec(v)
+    counts = [sum(b - a for a, b in s) for s in SHARDS[world]]
     for rank, out in enumerate(outs):
-        assert out[f"N/{curvature}"] == (40, sum(b - a for a, b in SHARDS[world][rank]))
+        assert out[f"N/{curvature}"] == (40, counts[rank])
         torch.testing.assert_close(out[f"mv/{curvature}"], want, rtol=1e-12, atol=1e-14)
+        meta, _ = out[f"op/{curvature}"]
+        # every rank, the empty shard included, runs the same mode by the same rule
+        assert (meta["hvp_mode"], meta["world_size"], meta["rank_samples"], meta["N"]) == ("reverse", world, counts, 40)
+    # the local sums are un-normalised and add up over the ranks to N times the mean
+    total = sum(out[f"op/{curvature}"][1] for out in outs)
+    torch.testing.assert_close(total, 40 * want, rtol=1e-12, atol=1e-13)
 
 
 def test_fewer_samples_than_ranks(ranks):
@@ -218,6 +229,17 @@ def test_block_lanczos_equals_single_process(ranks):
     for out in outs:
         np.testing.assert_allclose(out["block"], ref.ritz_values, rtol=0,
                                    atol=1e-10 * np.nanmax(np.abs(ref.ritz_values)))
+
+
+def test_sharded_block_lanczos_equals_single_process(ranks):
+    _, outs = ranks
+    case = cases.mlp_case(n=40)
+    ref = hessfast.lanczos(case.model, case.batch, m=8, block_size=2, seed=SEED, progress=False)
+    for out in outs:
+        ritz, placement = out["block_sharded"]
+        assert placement == "sharded"
+        np.testing.assert_allclose(ritz, ref.ritz_values, rtol=0, atol=1e-10 * np.nanmax(np.abs(ref.ritz_values)))
+        np.testing.assert_array_equal(ritz, outs[0]["block_sharded"][0])   # every rank: the same Ritz values
 
 
 def test_tiled_sharded_basis_matches_in_memory(ranks):

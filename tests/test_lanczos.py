@@ -187,7 +187,7 @@ def test_nan_in_product_names_the_step():
 
 
 def test_basis_memory_is_checked_before_allocating(monkeypatch):
-    from hessfast.engine import lanczos as lz
+    from hessfast.utils import memory as lz
 
     case = cases.mlp_case()
     monkeypatch.setattr(lz, "available_memory", lambda device: 1000)

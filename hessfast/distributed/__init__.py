@@ -20,7 +20,7 @@ Entry points:
     ``all_reduce_state(s)`` sum a mergeable accumulation state (e.g. the Hessian-variance sums) over ranks.
     ``plan_basis(m, P, ...)`` where the Lanczos basis goes and whether it fits, before allocating.
 
-The sharded and host-memory Lanczos bases live in :mod:`hessfast.engine.sharded`.
+The sharded and host-memory Lanczos bases live in :mod:`hessfast.engine.sharded` and :mod:`hessfast.engine.tiled`.
 """
 from ..utils.memory import BasisPlan, plan_basis
 from .collectives import (DEFAULT_TIMEOUT, DistContext, RankFailedError, all_reduce_state, context, init_from_env,

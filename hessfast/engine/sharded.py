@@ -1,187 +1,129 @@
-"""Lanczos with a sharded and/or host-memory basis (the scale-out half of the distributed issue).
+"""The Lanczos basis sharded over the ranks of a process group.
 
-**Sharded basis.** With R ranks, P is cut into R slices of c = ceil(P / R) entries (the last one
-zero-padded) and rank r stores only slice r of every Lanczos vector: (m+1) x c numbers. One step:
+With R ranks, P is cut into R slices of c = ceil(P / R) entries (the last one zero-padded) and
+rank r stores only slice r of every Lanczos vector. One block step of b vectors:
 
-    q_j      all-gather of the slices                 (each rank receives (R-1) c numbers)
-    w        = reduce-scatter of the local sums S_r(q_j), / N   (each rank sends (R-1) c)
-    CGS2     h = Q_loc w_loc, all-reduce(h) [k numbers], w_loc -= h^T Q_loc, twice
-    beta_j   sqrt(all-reduce(|w_loc|^2)),  q_{j+1} slice = w_loc / beta_j
+    Q_j      all-gather of the slices                      (each rank receives (R-1) b c numbers)
+    W        = reduce-scatter of the local sums S_r(Q_j), / N   (each rank sends (R-1) b c)
+    CGS2     H = W_loc Q_loc^T, all-reduce(H) [b k numbers], W_loc -= H Q_loc, twice
+    norms    sqrt(all-reduce(|w_loc|^2)),  Q_{j+1} slice = the block QR of W_loc (all-reduced dots)
 
-so the step moves the same 2 (R-1)/R P numbers per rank as the all-reduce of a replicated run (a
-ring all-reduce *is* a reduce-scatter followed by an all-gather), plus three all-reduces of at
-most m+1 numbers, while basis memory and reorthogonalisation work per rank drop by R.
+so a step moves the same 2 (R-1)/R b P numbers per rank as the all-reduce of a replicated run (a
+ring all-reduce *is* a reduce-scatter followed by an all-gather), plus a few all-reduces of at
+most b (k + b) numbers, while basis memory and reorthogonalisation work per rank drop by R. The
+rows may also live in host memory (``basis_device="cpu"``), streamed in tiles as in :mod:`.tiled`.
 
-**Host-memory basis.** ``basis_device="cpu"`` keeps the stored rows (full or sharded) in host
-memory (pinned when the products run on CUDA) and streams them through the device in tiles of
-rows. Each CGS pass visits every tile once, projecting and subtracting while the tile is resident
-(block classical Gram-Schmidt within a tile, modified between tiles), and the pass is done twice:
-two host-to-device transfers of the basis per step instead of the four passes of a plain CGS2.
-With a single tile this is exactly CGS2 (paper Appendix D).
-
-**bfloat16 basis.** ``basis_dtype=torch.bfloat16`` (float32 compute) stores the rows rounded, as
-the single-device basis does, which halves the memory per rank and the host-to-device traffic; each
-tile is widened to float32 on the compute device (in tiles of at most ``TILE_BYTES`` when the basis
-is in device memory, so the widened copy never doubles the basis).
+Every rank sees the same all-reduced coefficients, so every rank takes the same decisions
+(breakdown, deflation) and returns the same Ritz values.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 
-from ..utils.memory import TILE_BYTES, plan_basis
-from .lanczos import BasisMemoryError, TridiagonalRecorder, check_basis_dtype
+from .basis import Basis
+from .tiled import host_buffer, project_out
 
-# ---------------------------------------------------------------------------- tiles of the stored basis
-def _tiles(Q: torch.Tensor, k: int, rows: int, device: torch.device):
-    """Yield (start, tile) for rows [0, k) of Q, tiles on ``device``.
-
-    Q on ``device``: views. Q in pinned host memory and ``device`` CUDA: double-buffered copies on a
-    side stream, the next tile in flight while the current one is used.
-    """
-    starts = range(0, k, rows)
-    if Q.device == device:
-        for t0 in starts:
-            yield t0, Q[t0:min(k, t0 + rows)]
-        return
-    if device.type != "cuda":
-        for t0 in starts:
-            yield t0, Q[t0:min(k, t0 + rows)].to(device)
-        return
-    compute = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    bufs = [torch.empty((min(rows, k), Q.shape[1]), dtype=Q.dtype, device=device) for _ in range(2)]
-    released = [None, None]
-    ready = [None, None]
-
-    def issue(i):
-        t0, slot = i * rows, i % 2
-        n = min(k, t0 + rows) - t0
-        with torch.cuda.stream(side):
-            if released[slot] is not None:
-                side.wait_event(released[slot])  # the tile that last used this buffer is done
-            bufs[slot][:n].copy_(Q[t0:t0 + n], non_blocking=True)
-            ready[slot] = torch.cuda.Event()
-            ready[slot].record(side)
-
-    count = len(starts)
-    issue(0)
-    for i, t0 in enumerate(starts):
-        if i + 1 < count:
-            issue(i + 1)
-        slot = i % 2
-        compute.wait_event(ready[slot])
-        yield t0, bufs[slot][:min(k, t0 + rows) - t0]
-        released[slot] = torch.cuda.Event()
-        released[slot].record(compute)
+__all__ = ["ShardedBasis", "project_out", "sharded_product"]
 
 
-def project_out(Q: torch.Tensor, k: int, w: torch.Tensor, *, tile_rows: Optional[int] = None,
-                reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None):
-    """Remove from ``w`` its components on the first k stored rows of Q, twice; Q may be sharded.
+class ShardedBasis(Basis):
+    """Rows [rank c, (rank + 1) c) of every Lanczos vector on this rank; full reorthogonalisation.
 
     Args:
-        Q: (m+1, c) stored rows (this rank's slices when sharded), on any device; of w's dtype, or
-            bfloat16 with a float32 w.
-        k: rows in use. w: (c,) on the compute device, modified in place.
-        tile_rows: rows per tile (None: all k at once, i.e. exactly CGS2).
-        reduce: in-place sum over ranks of a small tensor (None: single process).
-
-    Returns:
-        (w, coeffs (k,) float64 = total projection coefficients, norm = |w| over all ranks).
-    """
-    rows = k if tile_rows is None else max(1, tile_rows)
-    if Q.dtype != w.dtype and tile_rows is None:  # widen at most TILE_BYTES of rows at a time
-        rows = max(1, min(k, TILE_BYTES // max(Q.shape[1] * w.element_size(), 1)))
-    coeffs = torch.zeros(k, dtype=w.dtype, device=w.device)
-    for _ in range(2):
-        for t0, tile in _tiles(Q, k, rows, w.device):
-            tile = tile.to(w.dtype)  # a bfloat16 basis is widened on the compute device
-            h = tile @ w
-            if reduce is not None:
-                reduce(h)
-            w.sub_(h @ tile)
-            coeffs[t0:t0 + tile.shape[0]] += h
-    sq = torch.dot(w, w).reshape(1)
-    if reduce is not None:
-        reduce(sq)
-    return w, coeffs.double().cpu(), math.sqrt(max(float(sq), 0.0))
-
-
-# ---------------------------------------------------------------------------- the Lanczos loop
-class BasisLanczos:
-    """Lanczos steps of a :class:`CurvatureOperator` with a sharded and/or host-memory basis.
-
-    Called like :func:`hessfast.lanczos.lanczos_decomposition` without the matvec:
-    ``run(q0, m, reorth="full", backend=..., step_callback=..., where=...) -> LanczosResult``;
-    every rank returns the same alpha and beta. ``keep_basis=True`` returns this rank's slices
-    (k, c) of the basis, rows [rank*c, (rank+1)*c) of P. With ``basis_dtype=torch.bfloat16`` each
-    vector is rounded once when stored and the rounded vector is the one multiplied next.
+        ctx: the :class:`hessfast.distributed.DistContext` of the ranks sharing the basis.
+        rows: rows to allocate. b, P, dtype, device: block size, vector length, compute dtype and device.
+        where: where the slices are stored (the compute device, or host memory streamed in tiles).
+        tile_rows: rows per streamed tile (None: all at once, exactly CGS2).
+        storage_dtype: the stored dtype (bfloat16 with float32 compute halves the bytes per rank).
     """
 
-    def __init__(self, op, m: int, *, shard: bool, basis_device: Any = None, tile_rows: Optional[int] = None,
-                 block_size: int = 1, announce: Optional[Callable[[str], None]] = None,
-                 basis_dtype: Optional[torch.dtype] = None):
-        if block_size != 1:
-            raise NotImplementedError("shard_basis / basis_device support single-vector Lanczos (block_size=1) "
-                                      "only; use block_size=1, or the replicated in-device basis for block Lanczos.")
-        self.op = op
-        self.ctx = op._dist if shard else None
-        self.world_size = 1 if self.ctx is None else self.ctx.world_size
-        self.rank = 0 if self.ctx is None else self.ctx.rank
-        self.chunk = math.ceil(op.P / self.world_size)
-        self.basis_dtype = check_basis_dtype(basis_dtype, op.dtype)
-        self.plan = plan_basis(m, op.P, self.basis_dtype, op.device, world_size=self.world_size,
-                               basis_device=basis_device, block_size=block_size)
-        if tile_rows is not None:
-            self.plan.tile_rows = tile_rows
-        if announce is not None:
-            announce(str(self.plan))
-        if not self.plan.fits:
-            raise BasisMemoryError(str(self.plan))
-        self.shard, self.basis_device = self.ctx is not None, basis_device
+    name = "sharded"
 
-    def _product_slice(self, q_full: torch.Tensor) -> torch.Tensor:
-        op, ctx = self.op, self.ctx
-        if ctx is None:
-            return op.matvec(q_full)
-        local = ctx.reduce_scatter_sum(lambda: op._local_sum(q_full, False), op.P, self.chunk, q_full,
-                                       "computing a curvature product")
-        return local.div_(op.N)
+    def __init__(self, ctx, rows: int, b: int, P: int, dtype: torch.dtype, device: torch.device,
+                 where: Optional[torch.device] = None, tile_rows: Optional[int] = None,
+                 storage_dtype: Optional[torch.dtype] = None):
+        super().__init__(b, P, dtype, device, storage_dtype or dtype, "torch")
+        self.ctx, self.R = ctx, ctx.world_size
+        self.c = math.ceil(P / self.R)
+        self.lo, self.hi = min(ctx.rank * self.c, P), min((ctx.rank + 1) * self.c, P)
+        self.where = self.device if where is None else torch.device(where)
+        self.tile_rows = tile_rows
+        self.Q = host_buffer(rows, self.c, self.storage_dtype, self.where, self.device)  # zeros: the padding
+        self.capacity = rows
 
-    def __call__(self, q0: torch.Tensor, m: int, *, reorth: str = "full", backend: str = "auto",
-                 keep_basis: bool = False, breakdown_tol: Optional[float] = None,
-                 step_callback: Optional[Callable] = None, where: str = ""):
-        op, ctx, c, P = self.op, self.ctx, self.chunk, self.op.P
-        lo, hi = min(self.rank * c, P), min((self.rank + 1) * c, P)
-        dtype, device, qdtype = op.dtype, op.device, self.basis_dtype
-        where_q = self.plan.where
-        Q = None
-        if where_q.type == "cpu" and device.type == "cuda":
-            try:  # pinned pages make the tile copies asynchronous; pageable memory still works, slower
-                Q = torch.zeros((m + 1, c), dtype=qdtype, pin_memory=True)
-            except RuntimeError:
-                Q = None
-        if Q is None:
-            Q = torch.zeros((m + 1, c), dtype=qdtype, device=where_q)
-        reduce = None if ctx is None else ctx.all_reduce_small
-        rounded = (lambda v: v) if qdtype == dtype else (lambda v: v.to(qdtype).to(dtype))  # noqa: E731
+    def layout(self, V):
+        out = torch.zeros(V.shape[:-1] + (self.c,), dtype=V.dtype, device=V.device)
+        out[..., :self.hi - self.lo] = V[..., self.lo:self.hi]
+        return out
 
-        q_full = rounded(q0.to(device=device, dtype=dtype) / torch.linalg.vector_norm(q0))
-        Q[0, : hi - lo].copy_(q_full[lo:hi])
-        rec = TridiagonalRecorder(m, dtype, breakdown_tol, step_callback, where)
-        for j in range(m):
-            w = self._product_slice(q_full)
-            w, coeffs, b = project_out(Q, j + 1, w, tile_rows=self.plan.tile_rows, reduce=reduce)
-            if not rec.step(j, float(coeffs[j]), b):
-                break
-            w = rounded(w.div_(b))
-            Q[j + 1].copy_(w)
-            q_full = w if ctx is None else ctx.all_gather_vector(w, P)
-        return rec.result(Q if keep_basis else None)
+    def reduce(self, t):
+        return self.ctx.all_reduce_small(t)
 
-    def meta(self) -> dict:
-        return {"shard_basis": self.shard, "basis_device": str(self.plan.where),
-                "basis_bytes_per_rank": int(self.plan.bytes_per_rank), "basis_tile_rows": self.plan.tile_rows}
+    def write(self, row, X):
+        self.Q[row:row + X.shape[0]].copy_(X)
+
+    def read(self, row, n):
+        local = self.Q[row:row + n].to(self.device)          # gathered in the stored dtype, widened after
+        full = self.ctx.all_gather_vector(local.reshape(-1), self.R * n * self.c)
+        full = full.view(self.R, n, self.c).transpose(0, 1).reshape(n, self.R * self.c)[:, :self.P]
+        return full.to(self.dtype).contiguous()
+
+    def orthogonalize(self, row, W, coupling):
+        return project_out(self.Q, row + W.shape[0], W, tile_rows=self.tile_rows, reduce=self.reduce)
+
+    def project(self, k, W):
+        return project_out(self.Q, k, W.clone(), tile_rows=self.tile_rows, reduce=self.reduce)[0]
+
+    def qr(self, W):
+        """Modified Gram-Schmidt, each projection twice, with all-reduced dot products.
+
+        A row whose norm after projection is zero comes back as a zero row with R[i, i] = 0.
+        """
+        b = W.shape[0]
+        Qn = W.clone()
+        R = torch.zeros(b, b, dtype=W.dtype, device=W.device)
+        for i in range(b):
+            for _ in range(2):
+                if i:
+                    h = self.reduce(Qn[:i] @ Qn[i])
+                    Qn[i].sub_(h @ Qn[:i])
+                    R[:i, i] += h
+            n = self.reduce(torch.linalg.vector_norm(Qn[i]).square().reshape(1)).sqrt_()
+            R[i, i] = n[0]
+            if float(n) > 0:
+                Qn[i].div_(n[0])
+            else:
+                Qn[i].zero_()
+        return Qn, R
+
+    def rows(self, k):
+        return self.Q[:k]
+
+
+def sharded_product(ctx, op, basis: ShardedBasis):
+    """X (b, P) -> this rank's slices (b, c) of A X: the reduce-scatter of every rank's local sums, / N.
+
+    ``op`` provides ``local_sum(V)``: the un-normalised sum over this rank's samples of the
+    per-sample products for V of shape (P,) or (b, P), with no collective.
+    """
+    R, c, P = basis.R, basis.c, basis.P
+
+    def product(X: torch.Tensor) -> torch.Tensor:
+        b = X.shape[0]
+        if b == 1:  # a vector: the reduce-scatter pads it itself
+            mine = ctx.reduce_scatter_sum(lambda: op.local_sum(X[0]), P, c, X, "computing a curvature product")
+            return mine.view(1, c).div_(op.N)
+
+        def local():  # (b, P) -> rank-major (R, b, c): rank r's part is its column slice of every row
+            S = op.local_sum(X)
+            padded = torch.zeros(b, R * c, dtype=S.dtype, device=S.device)
+            padded[:, :P] = S
+            return padded.view(b, R, c).transpose(0, 1).reshape(-1)
+
+        mine = ctx.reduce_scatter_sum(local, R * b * c, b * c, X, "computing a curvature product")
+        return mine.view(b, c).div_(op.N)
+
+    return product

@@ -1,8 +1,13 @@
 """Memory: what is free on a device, and the one planner that says whether the Lanczos basis fits.
 
-:func:`plan_basis` decides, before anything is allocated, where the (m+1) x P basis goes (the
+:func:`plan_basis` decides, before anything is allocated, where the Lanczos basis goes (the
 compute device, host memory streamed in tiles, or a 1/world_size shard per rank), how many bytes
-it takes there and whether they fit; every basis placement of the Lanczos engine asks it.
+it takes there and whether they fit. Every basis placement of the Lanczos engine asks it, and
+:meth:`BasisPlan.check` raises :class:`BasisMemoryError` with the options that would fit.
+
+The basis of m Lanczos steps in blocks of b vectors holds s + 1 blocks, s = ceil(m / b): the s
+blocks of the Krylov space and the next one, where the residual of the last step goes
+(:func:`basis_rows`; (m + 1) rows for single-vector Lanczos).
 """
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+
+
+class BasisMemoryError(MemoryError, ValueError):
+    """The Lanczos basis does not fit in the memory available where it would be stored."""
 
 
 def available_memory(device: torch.device) -> int:
@@ -32,6 +41,7 @@ def available_memory(device: torch.device) -> int:
 
 GIB = 2.0 ** 30
 TILE_BYTES = 256 * 2 ** 20  # device bytes per streamed tile (two are resident: double buffering)
+FILL = 0.9                  # the basis may take at most this fraction of the free memory
 
 
 def format_bytes(nbytes: float) -> str:
@@ -47,13 +57,23 @@ def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def block_steps(m: int, block_size: int = 1) -> int:
+    """Block steps s = ceil(m / b) of a run of Krylov dimension m in blocks of b."""
+    return -(-int(m) // int(block_size))
+
+
+def basis_rows(m: int, block_size: int = 1) -> int:
+    """Rows of the stored basis: (s + 1) b with s = ceil(m / b); m + 1 for single-vector Lanczos."""
+    return (block_steps(m, block_size) + 1) * int(block_size)
+
+
 @dataclass
 class BasisPlan:
-    """Where the (m+1) x P Lanczos basis goes and whether it fits, decided before allocating.
+    """Where the Lanczos basis goes and whether it fits, decided before allocating.
 
-    ``bytes_per_rank`` = (m+1) * block_size * ceil(P / world_size) * itemsize is the stored basis on
-    each rank; ``free`` the bytes available where it goes (``where``); ``tile_rows`` the rows per
-    streamed tile (None: the basis is on the compute device and used in place).
+    ``bytes_per_rank`` = :func:`basis_rows` (m, b) * ceil(P / world_size) * itemsize is the stored
+    basis on each rank; ``free`` the bytes available where it goes (``where``); ``tile_rows`` the
+    rows per streamed tile (None: the basis is on the compute device and used in place).
     """
 
     m: int
@@ -71,55 +91,80 @@ class BasisPlan:
 
     @property
     def fits(self) -> bool:
-        return self.bytes_per_rank <= 0.9 * self.free
+        return self.bytes_per_rank <= FILL * self.free
+
+    @property
+    def rows(self) -> int:
+        return basis_rows(self.m, self.block_size)
 
     def largest_m(self, free: int, world_size: int) -> int:
-        per_step = self.block_size * math.ceil(self.P / world_size) * itemsize(self.dtype)
-        return max(int(0.9 * free // per_step) - 1, 0)
+        """The largest m whose basis fits in ``free`` bytes on each of ``world_size`` ranks."""
+        per_row = math.ceil(self.P / world_size) * itemsize(self.dtype)
+        blocks = int(FILL * free // (per_row * self.block_size))   # s + 1 blocks fit
+        return max((blocks - 1) * self.block_size, 0)
+
+    def options(self) -> list:
+        """What would make the basis fit (or fit better), as phrases for a message."""
+        full = self.rows * self.P * itemsize(self.dtype)
+        opts = [f"Reduce m (m <= {self.largest_m(self.free, self.world_size)} fits on this configuration)"]
+        if self.where == self.compute_device and self.compute_device.type != "cpu":
+            ok = self.bytes_per_rank <= FILL * self.host_free
+            opts.append(f"keep the basis in host memory, basis_device='cpu' ({format_bytes(self.host_free)} free "
+                        f"there: {'fits' if ok else 'does not fit either'})")
+        need = math.ceil(full / (FILL * max(self.free, 1)))
+        if need > self.world_size:
+            opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
+        if self.dtype == torch.float64:
+            opts.append("use dtype=torch.float32 (half of float64)")
+        elif self.dtype == torch.float32:
+            opts.append("use basis_dtype=torch.bfloat16 (half of float32)")
+        opts.append("or pass reorth='none' (three vectors; ghost eigenvalues appear)")
+        return opts
 
     def __str__(self) -> str:
-        size = itemsize(self.dtype)
-        full = (self.m + 1) * self.block_size * self.P * size
-        lines = [f"Lanczos basis: (m+1) x P = {self.m + 1} x {self.P:,} {str(self.dtype).replace('torch.', '')} "
-                 f"= {format_bytes(full)} in all; {format_bytes(self.bytes_per_rank)} per rank on {self.where} "
-                 f"(world size {self.world_size}), {format_bytes(self.free)} free there: "
-                 f"{'fits' if self.fits else 'does NOT fit'}."]
+        full = self.rows * self.P * itemsize(self.dtype)
+        lines = [f"Lanczos basis: {self.rows} rows x P = {self.P:,} {str(self.dtype).replace('torch.', '')} "
+                 f"(m = {self.m}, block size {self.block_size}) = {format_bytes(full)} in all; "
+                 f"{format_bytes(self.bytes_per_rank)} per rank on {self.where} (world size {self.world_size}), "
+                 f"{format_bytes(self.free)} free there: {'fits' if self.fits else 'does NOT fit'}."]
         if self.tile_rows is not None:
             lines.append(f"Streamed through {self.compute_device} in tiles of {self.tile_rows} rows.")
         if not self.fits or self.where != self.compute_device:
-            opts = []
-            if self.where == self.compute_device and self.compute_device.type != "cpu":
-                ok = self.bytes_per_rank <= 0.9 * self.host_free
-                opts.append(f"basis_device='cpu' ({format_bytes(self.host_free)} free in host memory: "
-                            f"{'fits' if ok else 'does not fit either'})")
-            need = math.ceil(full / (0.9 * max(self.free, 1)))
-            if need > self.world_size:
-                opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
-            opts.append(f"m <= {self.largest_m(self.free, self.world_size)} on this configuration")
-            if self.dtype == torch.float64:
-                opts.append("dtype=torch.float32 (half of float64)")
-            elif self.dtype == torch.float32:
-                opts.append("basis_dtype=torch.bfloat16 (half of float32)")
-            opts.append("reorth='none' (three vectors; ghost eigenvalues appear)")
-            lines.append("Options: " + "; ".join(opts) + ".")
+            lines.append("Options: " + "; ".join(self.options()) + ".")
         return " ".join(lines)
+
+    def check(self) -> "BasisPlan":
+        """Return the plan if the basis fits; raise :class:`BasisMemoryError` saying what to do if not."""
+        if not self.fits:
+            raise BasisMemoryError(str(self))
+        return self
 
 
 def plan_basis(m: int, P: int, dtype: torch.dtype, device: torch.device, *, world_size: int = 1,
                basis_device: Any = None, block_size: int = 1, tile_bytes: int = TILE_BYTES) -> BasisPlan:
-    """Decide where the basis goes and how it is streamed; allocates nothing."""
+    """Decide where the basis of ``m`` Lanczos steps goes and how it is streamed; allocates nothing.
+
+    Args:
+        m: Krylov dimension (Lanczos steps; block Lanczos: ceil(m / block_size) block steps).
+        P: length of a Lanczos vector. dtype: the stored basis' dtype (bfloat16 halves float32).
+        device: the compute device (where the products are). world_size: ranks sharing a sharded
+            basis (each stores ceil(P / world_size) entries of every row).
+        basis_device: where the rows are stored (None: ``device``); another device streams them
+            through ``device`` in tiles of at most ``tile_bytes``.
+    """
     device = torch.device(device)
     where = device if basis_device is None else torch.device(basis_device)
     if where.type == "cuda" and where.index is None:
         where = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
     chunk = math.ceil(P / world_size)
     size = itemsize(dtype)
-    per_rank = (m + 1) * block_size * chunk * size
+    rows = basis_rows(m, block_size)
+    per_rank = rows * chunk * size
     device_free = available_memory(device)
     host_free = device_free if device.type == "cpu" else available_memory(torch.device("cpu"))
     free = device_free if where == device else (host_free if where.type == "cpu" else available_memory(where))
     tile_rows = None
     if where != device:
-        tile_rows = max(1, min(m + 1, tile_bytes // max(chunk * size, 1)))
+        tile_rows = max(1, min(rows, tile_bytes // max(chunk * size, 1)))
     return BasisPlan(m, P, dtype, world_size, block_size, device, where, per_rank, free, device_free, host_free,
                      tile_rows)
