@@ -7,8 +7,6 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
-#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -35,7 +33,8 @@ std::string dtype_str(const py::array& a) { return py::str(a.dtype()).cast<std::
                        const py::array& a) {
   throw py::value_error("hessfast._kernels_cpu." + fn + ": " + name + " must be " + want +
                         ", got shape " + shape_str(a) + " dtype " + dtype_str(a) +
-                        (a.writeable() ? "" : " (read-only)"));
+                        (a.writeable() ? "" : " (read-only)") +
+                        ((a.flags() & py::array::c_style) ? "" : " (not C-contiguous)"));
 }
 
 // Checks ndim, the expected sizes (-1: any), dtype (same as `like`), C-contiguity of the last axis
@@ -101,130 +100,44 @@ void cgs2(py::array Q, int64_t k, py::array W, py::array coeffs, py::array norms
                     static_cast<float*>(norms.mutable_data()), nt);
 }
 
-// ---- CholeskyQR2 with MGS fallback ----------------------------------------------------------
-// Cholesky G = L L^T in place (lower); false if a pivot is not positive.
-bool cholesky(std::vector<double>& G, int64_t b) {
-  for (int64_t j = 0; j < b; ++j) {
-    double d = G[j * b + j];
-    for (int64_t l = 0; l < j; ++l) d -= G[j * b + l] * G[j * b + l];
-    if (!(d > 0)) return false;
-    d = std::sqrt(d);
-    G[j * b + j] = d;
-    for (int64_t i = j + 1; i < b; ++i) {
-      double s = G[i * b + j];
-      for (int64_t l = 0; l < j; ++l) s -= G[i * b + l] * G[j * b + l];
-      G[i * b + j] = s / d;
-    }
-    for (int64_t i = 0; i < j; ++i) G[i * b + j] = 0;
-  }
-  return true;
-}
-
-std::vector<double> lower_inverse(const std::vector<double>& L, int64_t b) {
-  std::vector<double> M(b * b, 0.0);
-  for (int64_t c = 0; c < b; ++c) {
-    M[c * b + c] = 1.0 / L[c * b + c];
-    for (int64_t i = c + 1; i < b; ++i) {
-      double s = 0;
-      for (int64_t l = c; l < i; ++l) s += L[i * b + l] * M[l * b + c];
-      M[i * b + c] = -s / L[i * b + i];
-    }
-  }
-  return M;
-}
-
-// Upper-triangular product C = A B of (b, b) row-major matrices.
-std::vector<double> matmul(const std::vector<double>& A, const std::vector<double>& B, int64_t b) {
-  std::vector<double> C(b * b, 0.0);
-  for (int64_t i = 0; i < b; ++i)
-    for (int64_t l = 0; l < b; ++l)
-      for (int64_t j = 0; j < b; ++j) C[i * b + j] += A[i * b + l] * B[l * b + j];
-  return C;
-}
-
-// Modified Gram-Schmidt, each projection applied twice.  Rows that are (numerically) dependent on
-// the previous ones become zero rows with R[i, i] = 0.  Returns R (upper, W^T = Qb^T R).
-template <typename T>
-std::vector<double> mgs2(T* W, int64_t b, int64_t P) {
-  std::vector<double> R(b * b, 0.0);
-  std::vector<char> live(b, 0);
-  const double tol = 16 * double(std::numeric_limits<T>::epsilon()) * std::sqrt(double(b));
-  for (int64_t i = 0; i < b; ++i) {
-    T* w = W + i * P;
-    const double orig = std::sqrt(hc::sumsq<T>(w, P));
-    for (int pass = 0; pass < 2; ++pass)
-      for (int64_t l = 0; l < i; ++l) {
-        if (!live[l]) continue;
-        const double c = hc::dot1<T>(W + l * P, w, P);
-        hc::axpy1<T>(w, W + l * P, T(c), P);
-        R[l * b + i] += c;
-      }
-    const double nrm = std::sqrt(hc::sumsq<T>(w, P));
-    if (!(nrm > tol * orig) || nrm == 0) {
-      for (int64_t p = 0; p < P; ++p) w[p] = 0;
-      continue;
-    }
-    live[i] = 1;
-    R[i * b + i] = nrm;
-    for (int64_t p = 0; p < P; ++p) w[p] = T(w[p] / nrm);
-  }
-  return R;
-}
-
-template <typename T>
-std::string cholqr2_impl(T* W, int64_t b, int64_t P, T* Rout, int nt) {
-  // CholeskyQR2 is backward stable while cond(W) <= 1/sqrt(100 u) (Yamamoto et al. 2015).
-  const double max_cond = 1.0 / std::sqrt(100.0 * double(std::numeric_limits<T>::epsilon()));
-  auto cond_ok = [&](const std::vector<double>& L) {
-    double lo = L[0], hi = L[0];
-    for (int64_t i = 1; i < b; ++i) {
-      lo = std::min(lo, L[i * b + i]);
-      hi = std::max(hi, L[i * b + i]);
-    }
-    return hi <= max_cond * lo;
-  };
-  auto transpose = [&](const std::vector<double>& A) {
-    std::vector<double> B(b * b);
-    for (int64_t i = 0; i < b; ++i)
-      for (int64_t j = 0; j < b; ++j) B[j * b + i] = A[i * b + j];
-    return B;
-  };
-  std::vector<double> G(b * b), R;
-  std::string method = "cholqr2";
-  hc::gram<T>(W, b, P, G.data(), nt);
-  if (cholesky(G, b) && cond_ok(G)) {
-    const std::vector<double> R1 = transpose(G);
-    std::vector<double> G2(b * b);
-    hc::apply_small<T>(W, b, P, lower_inverse(G, b).data(), G2.data(), nt);
-    if (cholesky(G2, b)) {
-      hc::apply_small<T>(W, b, P, lower_inverse(G2, b).data(), nullptr, nt);
-      R = matmul(transpose(G2), R1, b);
-    } else {
-      R = matmul(mgs2<T>(W, b, P), R1, b);
-      method = "cholqr+mgs";
-    }
-  } else {
-    R = mgs2<T>(W, b, P);
-    method = "mgs";
-  }
-  for (int64_t i = 0; i < b * b; ++i) Rout[i] = T(R[i]);
-  return method;
-}
-
-std::string cholqr2(py::array W, py::array R, int nt) {
-  const std::string fn = "cholqr2";
+// ---- CholeskyQR2 passes ---------------------------------------------------------------------
+// The two passes over the block that hessfast.kernels.cholqr2 drives; the b x b algebra and the
+// MGS fallback run in Python.
+void gram(py::array W, py::array G, int nt) {
+  const std::string fn = "gram";
   const bool f64 = is_f64(fn, W, "W");
-  check(fn, "W", W, {-1, -1}, W.dtype(), true, true, "a writable C-contiguous (b, P) array");
+  check(fn, "W", W, {-1, -1}, W.dtype(), false, true, "a C-contiguous (b, P) float32 or float64 array");
   const int64_t b = W.shape(0), P = W.shape(1);
-  if (b == 0) return "empty";
-  check(fn, "R", R, {b, b}, W.dtype(), true, true,
-        "a writable C-contiguous (" + std::to_string(b) + ", " + std::to_string(b) + ") array of dtype " + dtype_str(W));
+  check(fn, "G", G, {b, b}, py::dtype::of<double>(), true, true,
+        "a writable C-contiguous float64 (" + std::to_string(b) + ", " + std::to_string(b) + ") array");
+  py::gil_scoped_release nogil;
+  double* g = static_cast<double*>(G.mutable_data());
+  if (f64)
+    hc::gram<double>(static_cast<const double*>(W.data()), b, P, g, nt);
+  else
+    hc::gram<float>(static_cast<const float*>(W.data()), b, P, g, nt);
+}
+
+void apply_small(py::array W, py::array M, py::object G, int nt) {
+  const std::string fn = "apply_small";
+  const bool f64 = is_f64(fn, W, "W");
+  check(fn, "W", W, {-1, -1}, W.dtype(), true, true, "a writable C-contiguous (b, P) float32 or float64 array");
+  const int64_t b = W.shape(0), P = W.shape(1);
+  const std::string bb = "(" + std::to_string(b) + ", " + std::to_string(b) + ")";
+  const auto f8 = py::dtype::of<double>();
+  check(fn, "M", M, {b, b}, f8, false, true, "a C-contiguous float64 " + bb + " array");
+  double* g = nullptr;
+  if (!G.is_none()) {
+    py::array Ga = G.cast<py::array>();
+    check(fn, "G", Ga, {b, b}, f8, true, true, "None or a writable C-contiguous float64 " + bb + " array");
+    g = static_cast<double*>(Ga.mutable_data());
+  }
+  const double* m = static_cast<const double*>(M.data());
   py::gil_scoped_release nogil;
   if (f64)
-    return cholqr2_impl<double>(static_cast<double*>(W.mutable_data()), b, P,
-                                static_cast<double*>(R.mutable_data()), nt);
-  return cholqr2_impl<float>(static_cast<float*>(W.mutable_data()), b, P,
-                             static_cast<float*>(R.mutable_data()), nt);
+    hc::apply_small<double>(static_cast<double*>(W.mutable_data()), b, P, m, g, nt);
+  else
+    hc::apply_small<float>(static_cast<float*>(W.mutable_data()), b, P, m, g, nt);
 }
 
 // ---- Streamed squared-HVP accumulation --------------------------------------------------------
@@ -256,14 +169,16 @@ void sqhvp(py::array U, py::array V, py::array sum_u, py::array sum_sq, py::arra
 }  // namespace
 
 PYBIND11_MODULE(_kernels_cpu, m) {
-  m.doc() = "hessfast CPU kernels (fused CGS2, CholeskyQR2, streamed squared-HVP); see hessfast.kernels";
+  m.doc() = "hessfast CPU kernels (fused CGS2, CholeskyQR2 passes, streamed squared-HVP); see hessfast.kernels";
   m.def("cgs2", &cgs2, py::arg("Q"), py::arg("k"), py::arg("W"), py::arg("coeffs"),
         py::arg("norms"), py::arg("num_threads"),
         "Fused CGS2: W <- (I - Q_k^T Q_k)^2 W in three passes over Q_k = Q[:k]; fills coeffs "
         "(b, k) = h1 + h2 and norms (b,).");
-  m.def("cholqr2", &cholqr2, py::arg("W"), py::arg("R"), py::arg("num_threads"),
-        "CholeskyQR2 of the rows of W (b, P) in place (MGS fallback when ill-conditioned); fills "
-        "R (b, b) upper with W^T = Qb^T R; returns the method used.");
+  m.def("gram", &gram, py::arg("W"), py::arg("G"), py::arg("num_threads"),
+        "G (b, b) float64 = W W^T for W (b, P), accumulated in double across tiles.");
+  m.def("apply_small", &apply_small, py::arg("W"), py::arg("M"), py::arg("G"), py::arg("num_threads"),
+        "W <- M W in place for M (b, b) float64 (rounded to W's dtype); if G is not None also "
+        "G = W W^T of the result, in the same pass.");
   m.def("sqhvp", &sqhvp, py::arg("U"), py::arg("V"), py::arg("sum_u"), py::arg("sum_sq"),
         py::arg("sum_vu"), py::arg("num_threads"),
         "Accumulate a chunk U (c, b, P) of per-sample HVPs for probes V (b, P) in one pass.");

@@ -39,6 +39,28 @@ hc::Plan plan_for(int64_t k, int64_t b, int64_t P, int itemsize) {
   return plan;
 }
 
+// Fused CGS2 on raw device pointers (see hessfast/kernels/reorth.py for the arguments' meaning).
+void cgs2(int itemsize, int q_itemsize, uintptr_t Q, int64_t ldq, int64_t k, uintptr_t W, int64_t b, int64_t P,
+          uintptr_t coeffs, uintptr_t norms, uintptr_t work, uintptr_t s) {
+  need_itemsize(itemsize, "cgs2");
+  if (q_itemsize != itemsize && !(q_itemsize == 2 && itemsize == 4))
+    throw py::value_error("hessfast._kernels_cuda.cgs2: the basis must have the block's dtype, or be bfloat16 "
+                          "(q_itemsize 2) with a float32 block; got itemsizes " + std::to_string(q_itemsize) +
+                          " and " + std::to_string(itemsize));
+  const hc::Plan plan = plan_for(k, b, P, q_itemsize);
+  py::gil_scoped_release nogil;
+  if (q_itemsize == 2)
+    check(hc::cgs2<float, __nv_bfloat16>(ptr<const __nv_bfloat16>(Q), ldq, k, ptr<float>(W), b, P,
+                                         ptr<float>(coeffs), ptr<float>(norms), ptr<float>(work), plan,
+                                         stream(s)), "cgs2");
+  else if (itemsize == 8)
+    check(hc::cgs2<double>(ptr<const double>(Q), ldq, k, ptr<double>(W), b, P, ptr<double>(coeffs),
+                           ptr<double>(norms), ptr<double>(work), plan, stream(s)), "cgs2");
+  else
+    check(hc::cgs2<float>(ptr<const float>(Q), ldq, k, ptr<float>(W), b, P, ptr<float>(coeffs),
+                          ptr<float>(norms), ptr<float>(work), plan, stream(s)), "cgs2");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels_cuda, m) {
@@ -63,26 +85,7 @@ PYBIND11_MODULE(_kernels_cuda, m) {
   }, py::arg("k"), py::arg("b"), py::arg("P"), py::arg("q_itemsize"),
      "Elements (of the block's dtype) of workspace cgs2 / gram need on the current device; q_itemsize is "
      "the basis element size (2 for a bfloat16 basis).");
-  m.def("cgs2", [](int itemsize, int q_itemsize, uintptr_t Q, int64_t ldq, int64_t k, uintptr_t W, int64_t b,
-                   int64_t P, uintptr_t coeffs, uintptr_t norms, uintptr_t work, uintptr_t s) {
-    need_itemsize(itemsize, "cgs2");
-    if (q_itemsize != itemsize && !(q_itemsize == 2 && itemsize == 4))
-      throw py::value_error("hessfast._kernels_cuda.cgs2: the basis must have the block's dtype, or be bfloat16 "
-                            "(q_itemsize 2) with a float32 block; got itemsizes " + std::to_string(q_itemsize) +
-                            " and " + std::to_string(itemsize));
-    const hc::Plan plan = plan_for(k, b, P, q_itemsize);
-    py::gil_scoped_release nogil;
-    if (q_itemsize == 2)
-      check(hc::cgs2<float, __nv_bfloat16>(ptr<const __nv_bfloat16>(Q), ldq, k, ptr<float>(W), b, P,
-                                           ptr<float>(coeffs), ptr<float>(norms), ptr<float>(work), plan,
-                                           stream(s)), "cgs2");
-    else if (itemsize == 8)
-      check(hc::cgs2<double>(ptr<const double>(Q), ldq, k, ptr<double>(W), b, P, ptr<double>(coeffs),
-                             ptr<double>(norms), ptr<double>(work), plan, stream(s)), "cgs2");
-    else
-      check(hc::cgs2<float>(ptr<const float>(Q), ldq, k, ptr<float>(W), b, P, ptr<float>(coeffs),
-                            ptr<float>(norms), ptr<float>(work), plan, stream(s)), "cgs2");
-  }, "Fused CGS2 on raw pointers: Q (k rows, stride ldq; the block's dtype or bfloat16), W (b, P) in "
+  m.def("cgs2", &cgs2, "Fused CGS2 on raw pointers: Q (k rows, stride ldq; the block's dtype or bfloat16), W (b, P) in "
      "place, coeffs (b, k), norms (b,).");
   m.def("gram", [](int itemsize, uintptr_t W, int64_t b, int64_t P, uintptr_t G, uintptr_t work, uintptr_t s) {
     need_itemsize(itemsize, "gram");

@@ -1,6 +1,6 @@
-// Building blocks of CholeskyQR2 on the CPU: the Gram matrix of a block and the in-place product
-// with a small matrix (fused with the next Gram matrix).  The Cholesky factorisations of the b x b
-// matrices and the MGS fallback are done by the caller (csrc/cpu_module.cpp).
+// The two passes of CholeskyQR2 over a block on the CPU: its Gram matrix, and the in-place product
+// with a small matrix (optionally fused with the Gram matrix of the result).  The b x b algebra and
+// the MGS fallback are the one Python driver's (hessfast/kernels/cholqr2.py).
 #include <algorithm>
 #include <vector>
 

@@ -41,8 +41,8 @@ int for_column_ranges(int nt, int64_t P, F&& f) {
   return used;
 }
 
-// Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D / issue 3, in three passes
-// over Q instead of four.
+// Fused classical Gram-Schmidt applied twice (CGS2), paper Appendix D, in three passes over Q
+// instead of four.
 //   Q      (k, ldq)  basis rows, only the first P entries of each row are read; of type T, or
 //                    bfloat16 words (TQ = uint16_t) with T = float (widened exactly on load)
 //   W      (b, P)    block to project; overwritten with W2 = (I - Q^T Q)^2 W

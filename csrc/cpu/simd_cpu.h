@@ -18,25 +18,10 @@
 namespace hessfast {
 namespace cpu {
 
-// out[j] += sum_p q_j[p] * w[p] for the four rows q0..q3 (one read of w for four rows of Q).
-template <typename T>
-HF_CLONES void dot4(const T* __restrict q0, const T* __restrict q1, const T* __restrict q2,
-                    const T* __restrict q3, const T* __restrict w, int64_t n, double* out) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t p = 0; p < n; ++p) {
-    const T x = w[p];
-    s0 += q0[p] * x;
-    s1 += q1[p] * x;
-    s2 += q2[p] * x;
-    s3 += q3[p] * x;
-  }
-  out[0] += s0;
-  out[1] += s1;
-  out[2] += s2;
-  out[3] += s3;
-}
+// Single-row micro-kernels on one tile.  The sums accumulate in T (vector lanes) over the tile
+// and are returned as double, in which the callers combine the tiles.
 
+// q[0:n] . w[0:n]
 template <typename T>
 HF_CLONES double dot1(const T* __restrict q, const T* __restrict w, int64_t n) {
   T s = 0;
@@ -45,21 +30,14 @@ HF_CLONES double dot1(const T* __restrict q, const T* __restrict w, int64_t n) {
   return s;
 }
 
-// w[p] -= c0 q0[p] + c1 q1[p] + c2 q2[p] + c3 q3[p]  (one load/store of w for four rows of Q).
-template <typename T>
-HF_CLONES void axpy4(T* __restrict w, const T* __restrict q0, const T* __restrict q1,
-                     const T* __restrict q2, const T* __restrict q3, T c0, T c1, T c2, T c3,
-                     int64_t n) {
-#pragma omp simd
-  for (int64_t p = 0; p < n; ++p) w[p] -= c0 * q0[p] + c1 * q1[p] + c2 * q2[p] + c3 * q3[p];
-}
-
+// w[0:n] -= c q[0:n]
 template <typename T>
 HF_CLONES void axpy1(T* __restrict w, const T* __restrict q, T c, int64_t n) {
 #pragma omp simd
   for (int64_t p = 0; p < n; ++p) w[p] -= c * q[p];
 }
 
+// w[0:n] . w[0:n]
 template <typename T>
 HF_CLONES double sumsq(const T* __restrict w, int64_t n) {
   T s = 0;
@@ -84,8 +62,7 @@ HF_CLONES void sqhvp_tile(const T* __restrict u, const T* __restrict v, T* __res
   *vu += c;
 }
 
-
-// ---- bfloat16 basis rows (issue 3, optional) ------------------------------------------------
+// ---- bfloat16 basis rows ----------------------------------------------------------------------
 // A bfloat16 is the upper half of a float32; the kernels keep such rows as raw 16-bit words and
 // widen them exactly (a shift) on load, so all arithmetic and accumulation stays in float32.
 typedef uint16_t bf16;

@@ -2,8 +2,8 @@
 //   pass 1 (dots_kernel):          part = per-block Q W^T           -> h1
 //   pass 2 (update_kernel<true>):  W -= h1^T Q, then part = Q W^T   -> h2   (tile re-read from L2)
 //   pass 3 (update_kernel<false>): W -= h2^T Q, part = |W_r|^2      -> norms
-// Each block walks 256-column chunks grid-stride and accumulates its own slice of `part`; the
-// slices are reduced in a fixed order (deterministic, no atomics).
+// Each block walks 256-column chunks grid-stride and accumulates its own slice of `part` in T; the
+// slices are reduced in double in a fixed order (deterministic, no atomics).
 #include <algorithm>
 
 #include "common_cuda.cuh"
@@ -91,14 +91,15 @@ __global__ void update_kernel(const TQ* __restrict__ Q, int64_t ldq, int k, T* _
   }
 }
 
-// out[i] = sum_{blocks} part[block, i]  (fixed order)
+// out[i] = sum_{blocks} part[block, i], summed in double in a fixed order: each block's partial
+// sum is in T, the combination of the blocks in double (hessfast.kernels.reference's contract).
 template <typename T>
 __global__ void reduce_kernel(const T* __restrict__ part, int nblocks, int64_t len, T* __restrict__ out) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= len) return;
-  T s = T(0);
-  for (int blk = 0; blk < nblocks; ++blk) s += part[int64_t(blk) * len + i];
-  out[i] = s;
+  double s = 0.0;
+  for (int blk = 0; blk < nblocks; ++blk) s += double(part[int64_t(blk) * len + i]);
+  out[i] = T(s);
 }
 
 template <typename T>

@@ -1,59 +1,44 @@
-"""Batched Gram-Schmidt of a block's rows: CholeskyQR2 with a modified Gram-Schmidt fallback.
+"""Orthonormalisation of a block's rows: CholeskyQR2 with an MGS2 fallback, on every backend.
 
 Used by block Lanczos (the QR of each new block, W^T = Q_{j+1}^T B_j) and to start several
-probes at once. ``ORTH_IMPLS[backend](W, R) -> method`` overwrite W with Qb and fill R.
+probes at once.  The algorithm is :func:`hessfast.kernels.cholqr2.cholqr2`, written once; each
+backend here supplies only its two passes over the block (:class:`~hessfast.kernels.cholqr2.Primitives`).
+``ORTH_IMPLS[backend](W, R) -> method`` overwrite W with Qb and fill R.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._checks import check_tensor, stream_ptr
+from .cholqr2 import TORCH_PRIMITIVES, Primitives, cholqr2
 from .dispatch import cpu_module, cuda_module, resolve_backend
-from .reference import cholqr2_reference, mgs2_reference
 
 
-def _orth_torch(W, R):
-    Qb, Rr, method = cholqr2_reference(W)
-    W.copy_(Qb)
-    R.copy_(Rr)
-    return method
+def _cpu_primitives() -> Primitives:
+    # M comes C-contiguous from the driver; G is made by numpy, whose calls cost less than torch's
+    # between two passes over the block.
+    mod, nt = cpu_module(), torch.get_num_threads()
+
+    def gram(X):
+        G = np.empty((X.shape[0], X.shape[0]))
+        mod.gram(X.numpy(), G, nt)
+        return torch.from_numpy(G)
+
+    def apply_small(X, M):
+        mod.apply_small(X.numpy(), M.numpy(), None, nt)
+
+    def apply_gram(X, M):  # the product and the next Gram matrix in one pass over X
+        G = np.empty((X.shape[0], X.shape[0]))
+        mod.apply_small(X.numpy(), M.numpy(), G, nt)
+        return torch.from_numpy(G)
+
+    return Primitives(gram, apply_small, apply_gram)
 
 
-def _orth_cpu(W, R):
-    return cpu_module().cholqr2(W.numpy(), R.numpy(), torch.get_num_threads())
-
-
-def _cholqr2_driver(W, R, gram, apply_small):
-    """CholeskyQR2 on device kernels ``gram(W) -> G (b, b) float64`` and ``apply_small(W, M)`` (W <- M W).
-
-    The b x b factorisations run in float64 with torch; falls back to MGS like the reference.
-    """
-    eps = torch.finfo(W.dtype).eps
-    max_cond = 1.0 / (100.0 * eps) ** 0.5
-    L, info = torch.linalg.cholesky_ex(gram(W))
-    d = torch.diagonal(L)
-    if int(info) != 0 or not bool(d.max() <= max_cond * d.min()):
-        Qb, Rm = mgs2_reference(W)
-        W.copy_(Qb)
-        R.copy_(Rm)
-        return "mgs"
-    eye = torch.eye(W.shape[0], dtype=torch.float64, device=W.device)
-    apply_small(W, torch.linalg.solve_triangular(L, eye, upper=False))
-    L2, info = torch.linalg.cholesky_ex(gram(W))
-    if int(info) != 0:
-        Qb, Rm = mgs2_reference(W)
-        W.copy_(Qb)
-        R.copy_((Rm.double() @ L.T).to(W.dtype))
-        return "cholqr+mgs"
-    apply_small(W, torch.linalg.solve_triangular(L2, eye, upper=False))
-    R.copy_((L2.T @ L.T).to(W.dtype))
-    return "cholqr2"
-
-
-def _orth_cuda(W, R):
+def _cuda_primitives(b: int, P: int, dtype: torch.dtype) -> Primitives:
     mod = cuda_module()
-    b, P = W.shape
-    size = W.element_size()
+    size = torch.empty((), dtype=dtype).element_size()
 
     def gram(X):
         G = torch.empty(b, b, dtype=X.dtype, device=X.device)
@@ -71,14 +56,26 @@ def _orth_cuda(W, R):
         mod.apply_small(size, X.data_ptr(), b, P, M.data_ptr(), out.data_ptr(), stream_ptr(X))
         X.copy_(out)
 
+    return Primitives(gram, apply_small)
+
+
+def _orth_torch(W, R):
+    return cholqr2(W, R, TORCH_PRIMITIVES)
+
+
+def _orth_cpu(W, R):
+    return cholqr2(W, R, _cpu_primitives())
+
+
+def _orth_cuda(W, R):
     with torch.cuda.device(W.device):
-        return _cholqr2_driver(W, R, gram, apply_small)
+        return cholqr2(W, R, _cuda_primitives(*W.shape, W.dtype))
 
 
 def _orth_triton(W, R):
     from .triton_kernels import apply_small_triton, gram_triton
 
-    return _cholqr2_driver(W, R, gram_triton, apply_small_triton)
+    return cholqr2(W, R, Primitives(gram_triton, apply_small_triton))
 
 
 ORTH_IMPLS = {"torch": _orth_torch, "cpu": _orth_cpu, "cuda": _orth_cuda, "triton": _orth_triton}
@@ -88,14 +85,16 @@ def orthonormalize(W: torch.Tensor, backend: str = "auto", return_method: bool =
     """Orthonormalise the b rows of W among themselves: W^T = Qb^T R.
 
     CholeskyQR2 (G = W W^T = R1^T R1, W1 = R1^-T W, repeated once) reads W a few times and is
-    stable while cond(W) <= (100 u)^(-1/2); beyond that, or if a Cholesky factorisation fails, it
+    stable while cond(W) <= (100 eps)^(-1/2); beyond that, or if a Cholesky factorisation fails, it
     falls back to modified Gram-Schmidt with each projection applied twice.  Rows (numerically)
     dependent on earlier rows come back as zero rows with R[i, i] = 0 (block Lanczos deflates them).
+    Every backend runs the same driver (:mod:`hessfast.kernels.cholqr2`) under the accumulation
+    contract of :mod:`hessfast.kernels.reference`.
 
     Args:
         W: (b, P) float32/float64 block, b <= P. Not modified.
         backend: "auto", "torch", "cpu", "cuda" or "triton".
-        return_method: also return "cholqr2", "cholqr+mgs" or "mgs".
+        return_method: also return "cholqr2", "cholqr+mgs" or "mgs" ("empty" when b = 0).
 
     Returns:
         (Qb, R): Qb (b, P) with orthonormal rows, R (b, b) upper triangular, diag(R) >= 0.

@@ -1,4 +1,4 @@
-"""Fused CGS2 reorthogonalisation of a block against a Lanczos basis (paper Appendix D, issue 3).
+"""Fused CGS2 reorthogonalisation of a block against a Lanczos basis (paper Appendix D).
 
 ``reorthogonalize`` is the public entry point; ``CGS2_IMPLS[backend](Q, k, W, coeffs, norms)`` are
 the per-backend implementations with preallocated outputs (used by the tests to poison outputs).
@@ -55,6 +55,7 @@ def reorthogonalize(Q: torch.Tensor, k: int, W: torch.Tensor, backend: str = "au
 
     h1 = Q_k W^T,  W1 = W - h1^T Q_k,  h2 = Q_k W1^T,  W2 = W1 - h2^T Q_k  with Q_k = Q[:k].
     The compiled backends read Q_k three times instead of four (h2 is formed in the pass that forms W1).
+    Every backend meets the accumulation contract stated in :mod:`hessfast.kernels.reference`.
 
     Args:
         Q: (m+1, P) basis rows, float32 or float64; rows 0..k-1 are used. Needs unit column stride

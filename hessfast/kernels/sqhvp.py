@@ -1,4 +1,4 @@
-"""Streamed per-sample squared-HVP accumulation (the Hessian-variance issue's inner loop).
+"""Streamed per-sample squared-HVP accumulation (the inner loop of hessfast.variance).
 
 For probes v_r (r < b) and per-sample Hessian products u_{i,r} = H_i v_r, the Hessian variance
 along v_r needs  sum_i ||u_{i,r}||^2,  sum_i u_{i,r}  and  sum_i v_r . u_{i,r}.  The samples come
@@ -69,7 +69,8 @@ class SquaredHVPAccumulator:
 
     Args:
         b: number of probes. P: vector length. dtype/device: those of U and V.
-        backend: "auto", "torch", "cpu", "cuda" or "triton" (see hessfast.kernels.resolve_backend).
+        backend: "auto", "torch", "cpu", "cuda" or "triton" (see hessfast.kernels.resolve_backend);
+            each meets the accumulation contract stated in :mod:`hessfast.kernels.reference`.
     """
 
     def __init__(self, b: int, P: int, dtype: torch.dtype = torch.float32, device="cpu", backend: str = "auto"):

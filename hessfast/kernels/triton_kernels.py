@@ -2,8 +2,9 @@
 
 Each kernel works on a tile of BLOCK_P columns for all b rows of a block at once (b padded to the
 power of two BLOCK_B), so one load of a row of Q serves the whole block.  Reductions over P are
-written as per-program partial sums and reduced by torch in a fixed order (deterministic, no
-atomics).  Launchers at the bottom pick block sizes; they expect checked, contiguous inputs (the
+written as per-program partial sums in the block's dtype and reduced by torch in float64 in a
+fixed order (deterministic, no atomics), as the accumulation contract of hessfast.kernels.reference
+states.  Launchers at the bottom pick block sizes; they expect checked, contiguous inputs (the
 public functions in reorth.py, orthonormalize.py and sqhvp.py check them).  A bfloat16 basis Q is
 widened to the block's float32 on load.  On CPU tensors they run under TRITON_INTERPRET=1 only.
 """
@@ -132,15 +133,15 @@ def cgs2_triton(Q: torch.Tensor, k: int, W: torch.Tensor, coeffs: torch.Tensor, 
     with _on_device(W):
         part = torch.empty(n, k, b, dtype=W.dtype, device=W.device)
         _dots_kernel[(n,)](Q, Q.stride(0), k, W, P, b, part, BLOCK_B=block_b, BLOCK_P=block_p)
-        h1 = part.sum(0)
-        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h1, part, WITH_DOTS=True, BLOCK_B=block_b,
-                             BLOCK_P=block_p)
-        h2 = part.sum(0)
+        h1 = part.double().sum(0)  # the programs' partial sums are combined in float64
+        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h1.to(W.dtype), part, WITH_DOTS=True,
+                             BLOCK_B=block_b, BLOCK_P=block_p)
+        h2 = part.double().sum(0)
         nsq = torch.empty(n, b, dtype=W.dtype, device=W.device)
-        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h2, nsq, WITH_DOTS=False, BLOCK_B=block_b,
-                             BLOCK_P=block_p)
+        _update_kernel[(n,)](Q, Q.stride(0), k, W, P, b, h2.to(W.dtype), nsq, WITH_DOTS=False,
+                             BLOCK_B=block_b, BLOCK_P=block_p)
         coeffs.copy_((h1 + h2).T)
-        norms.copy_(nsq.sum(0).sqrt())
+        norms.copy_(nsq.double().sum(0).sqrt())
 
 
 def gram_triton(W: torch.Tensor) -> torch.Tensor:
