@@ -5,6 +5,7 @@
 # 2. runs the kernel tests (CUDA and Triton cases join because a GPU is present);
 # 3. runs the kernel benchmarks on the GPU (P = 1e6 and 1.5e7, the paper's VGG-16 size; float32 and a
 #    bfloat16 basis, against a plain device copy's bandwidth) and on the CPU.
+# To start by hand on a GPU with CIFAR-100 on disk (days, not part of this check): HESSFAST_DATA=/data hessfast run lr-advice --scale paper --out runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/gpu_check_results.md}"

@@ -24,6 +24,7 @@ import numpy as np
 __all__ = [
     "BatchExtremes", "LrMomentum", "effective_batch", "batch_extremes", "ggn_batch_max", "eigvec_overlap",
     "critical_batch_size", "max_lr_sgd", "scale_lr", "polyak", "nesterov", "lr_momentum_from_spectrum",
+    "max_lr_heavy_ball", "adam_lr_capped",
 ]
 
 _CURVATURES = ("hessian", "ggn")
@@ -487,3 +488,42 @@ def lr_momentum_from_spectrum(spectrum, rule: str = "polyak", mass_threshold: fl
         raise ValueError(f"mass_threshold must be in (0, 1], got {mass_threshold!r}.")
     lam_max, lam_min = _spectrum_extremes(spectrum, float(mass_threshold))
     return (polyak if rule == "polyak" else nesterov)(lam_max, lam_min, variant=variant)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Learning rates from a measured batch curvature (hessfast.lr_advice)
+
+
+def max_lr_heavy_ball(lam_max, momentum=0.0):
+    """Largest stable heavy-ball SGD rate ``2 (1 + rho) / lam_max`` on a quadratic (Section 10.1, Eq. 22).
+
+    With ``torch.optim.SGD(momentum=rho)`` the error along curvature ``lam`` follows
+    ``x_{k+1} = (1 + rho - lr lam) x_k - rho x_{k-1}``, stable iff ``0 < lr lam < 2 (1 + rho)``, ``0 <= rho < 1``;
+    ``rho = 0`` is Eq. 22's ``2 / lam_1``. ``lam_max`` (> 0) is the curvature the steps see (the batch one).
+
+    Example:
+        >>> max_lr_heavy_ball(4.0, momentum=0.9)
+        0.95
+    """
+    lam, rho = _arr("lam_max", lam_max), _arr("momentum", momentum)
+    if (lam <= 0).any() or np.isinf(lam).any():
+        raise ValueError(f"lam_max must be finite and > 0 for a stable learning rate to exist, got {lam_max!r}.")
+    if (rho < 0).any() or (rho >= 1).any():
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    return _out(2.0 * (1.0 + rho) / lam)
+
+
+def adam_lr_capped(lr, from_batch, to_batch, lam_from, lam_to):
+    """Adam's square-root rule (Section 11), capped: ``lr min(sqrt(to/from), lam_from/lam_to)``.
+
+    ``lam_from``, ``lam_to`` (> 0) are the mean batch ``lam_1`` at the two batch sizes. The rate may not
+    grow faster (going up) or shrink slower (going down) than the curvature falls or rises, or
+    ``lr * lam_1`` would exceed its value at ``from_batch``, where ``lr`` was stable. Where ``lam_1 ~ 1/b``
+    below the reference this makes the rule linear (Section 11's small-batch caveat); past the critical
+    batch it stops the rate growing.
+    """
+    f, t = _arr("lam_from", lam_from), _arr("lam_to", lam_to)
+    if (f <= 0).any() or (t <= 0).any() or np.isinf(f).any() or np.isinf(t).any():
+        raise ValueError(f"lam_from and lam_to must be finite and > 0, got {lam_from!r} and {lam_to!r}.")
+    return _out(np.minimum(scale_lr(lr, from_batch, to_batch, "adam"), _arr("lr", lr) * f / t))

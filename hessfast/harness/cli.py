@@ -4,6 +4,7 @@
     hessfast spectrum --model mlp --data digits --curvature ggn --m 80
     hessfast variance --model mlp --data digits
     hessfast predict  --model mlp --data digits --batch-sizes 16,32,64,128,256
+    hessfast advice   --model mlp --data digits --train-epochs 5 --optimizer sgd
     hessfast run track --scale tiny       # a paper experiment (see `hessfast run --list`)
 
 Models and data are chosen by registered name or by ``package.module:function`` for your own.
@@ -83,6 +84,18 @@ def _add_model_data(p: argparse.ArgumentParser) -> None:
                    help="use only the first N training samples")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, probes and batches (default 0)")
     g.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
+
+
+def _add_measure(p: argparse.ArgumentParser) -> None:
+    """Options of the random-batch measurement (``predict`` and ``advice``)."""
+    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    p.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], metavar="B1,B2,...")
+    p.add_argument("--target-rel-se", type=float, default=0.1,
+                   help="draw batches until the mean batch lambda_1 has this relative standard error (default 0.1)")
+    p.add_argument("--max-batches", type=_positive_int, default=50,
+                   help="cap on random batches per batch size (default 50): the reproducible stop")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="optional wall-clock cap per batch size; rows it cut are marked (counts then depend on speed)")
 
 
 def _load_model_data(args) -> tuple:
@@ -200,27 +213,61 @@ def cmd_variance(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from .data import BatchLoader
-
-    from hessfast import predict
-    model, data = _load_model_data(args)
-    loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
+def _check_sizes(args, data) -> None:
     too_big = [b for b in args.batch_sizes if b > data.n_train]
     if too_big:
         raise CLIError(f"--batch-sizes {too_big} exceed the {data.n_train} training samples.")
-    table = predict(model, loader, batch_sizes=args.batch_sizes, curvature=args.curvature,
-                    num_batches=args.num_batches, reference_batch=args.reference_batch, lr_sgd=args.lr_sgd,
-                    lr_adam=args.lr_adam, seed=args.seed, progress=not args.quiet)
-    out = _out(args)
-    stem = out / f"predict_{args.curvature}"
-    if hasattr(table, "save"):
-        table.save(f"{stem}.json")
-    elif hasattr(table, "to_json"):
-        Path(f"{stem}.json").write_text(table.to_json())
-    if hasattr(table, "plot"):
-        table.plot(f"{stem}.png")
+
+
+def _measure_kwargs(args) -> Dict[str, Any]:
+    """The random-batch measurement options shared by ``predict`` and ``advice``."""
+    return dict(curvature=args.curvature, target_rel_se=args.target_rel_se, max_batches=args.max_batches,
+                max_seconds=args.max_seconds, seed=args.seed, progress=not args.quiet)
+
+
+def cmd_predict(args) -> int:
+    from hessfast import predict
+
+    from .data import BatchLoader
+
+    model, data = _load_model_data(args)
+    _check_sizes(args, data)
+    loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
+    table = predict(model, loader, batch_sizes=args.batch_sizes, num_batches=args.num_batches,
+                    reference_batch=args.reference_batch, lr_sgd=args.lr_sgd, lr_adam=args.lr_adam,
+                    **_measure_kwargs(args))
+    stem = _out(args) / f"predict_{args.curvature}"
+    table.save(f"{stem}.json")
+    table.plot(f"{stem}.png")
     print(table)
+    print(f"wrote {stem}.json and {stem}.png")
+    return 0
+
+
+def cmd_advice(args) -> int:
+    from hessfast import lr_advice
+
+    from .data import BatchLoader
+
+    if args.optimizer == "adam" and args.reference is None:
+        print("note: without --reference B0,LR the Adam rates are factors relative to the smallest batch size.")
+    reference = None
+    if args.reference is not None:
+        B0, _, lr0 = args.reference.partition(",")
+        try:
+            reference = (int(B0), float(lr0))
+        except ValueError:
+            raise CLIError(f"--reference takes B0,LR (e.g. 128,0.05), got {args.reference!r}.") from None
+    model, data = _load_model_data(args)
+    _check_sizes(args, data)
+    loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
+    advice = lr_advice(model, loader, args.batch_sizes, optimizer=args.optimizer, momentum=args.momentum,
+                       reference=reference, safety=args.safety, predict_at=args.predict_at or (),
+                       **_measure_kwargs(args))
+    stem = _out(args) / f"advice_{args.optimizer}_{args.curvature}"
+    advice.save(f"{stem}.json")
+    advice.plot(f"{stem}.png")
+    print(advice)
     print(f"wrote {stem}.json and {stem}.png")
     return 0
 
@@ -248,12 +295,49 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     run_demo(args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet, num_batches=args.num_batches,
-             m=args.m)
+             max_batches=args.max_batches, m=args.m)
     return 0
 
 
 # --------------------------------------------------------------------------------------------------
 # parser
+
+
+def _add_predict_and_advice(sub) -> None:
+    """The ``predict`` and ``advice`` subcommands (both measure batch lambda_1 across batch sizes)."""
+    pr = sub.add_parser("predict", help="measured batch lambda_1 per batch size, the fitted law and Theorems 4/7",
+                        description="For each batch size: the mean batch lambda_1 from enough random batches for a "
+                                    "target standard error, the fitted batch-size law (outlier 1/b, bulk 1/sqrt(b)) "
+                                    "with intervals, Theorem 4/7 predictions with verdicts, and learning rates "
+                                    "grounded in the measurement.")
+    _add_model_data(pr)
+    _add_measure(pr)
+    pr.add_argument("--num-batches", type=_positive_int, default=None,
+                    help="exactly this many random batches per batch size (default: adaptive, see --target-rel-se)")
+    pr.add_argument("--reference-batch", type=_positive_int, default=None, metavar="B0",
+                    help="batch size the learning rates are scaled from (default: the smallest of --batch-sizes)")
+    pr.add_argument("--lr-sgd", type=float, default=None,
+                    help="SGD learning rate known to work at B0 (default: factors)")
+    pr.add_argument("--lr-adam", type=float, default=None,
+                    help="Adam learning rate known to work at B0 (default: factors)")
+    pr.set_defaults(func=cmd_predict)
+
+    ad = sub.add_parser("advice", help="learning rates per batch size from the measured batch curvature",
+                        description="SGD: safety x 2(1+momentum)/lambda_1(B) from the fitted batch curvature, never "
+                                    "above 2/measured batch lambda_1 (or a reference rate scaled by the curvature); "
+                                    "Adam: the square-root rule from --reference, capped by the curvature. "
+                                    "See docs/advice.md.")
+    _add_model_data(ad)
+    _add_measure(ad)
+    ad.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    ad.add_argument("--momentum", type=float, default=0.9, help="SGD heavy-ball momentum (default 0.9)")
+    ad.add_argument("--safety", type=float, default=0.5,
+                    help="fraction of the SGD stability limit to advise (default 0.5)")
+    ad.add_argument("--reference", default=None, metavar="B0,LR",
+                    help="a learning rate known to work at batch size B0, e.g. 128,0.05 (needed for Adam rates)")
+    ad.add_argument("--predict-at", type=_int_list, default=None, metavar="B1,B2,...",
+                    help="further batch sizes to advise at from the fit alone")
+    ad.set_defaults(func=cmd_advice)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,18 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="estimate on N samples drawn without replacement (default: all)")
     v.set_defaults(func=cmd_variance)
 
-    pr = sub.add_parser("predict", help="measured vs predicted batch lambda_1 and learning rates per batch size",
-                        description="For each batch size: full and batch lambda_1, Theorem 4/7 predictions, the "
-                                    "largest stable SGD learning rate and recommended SGD/Adam learning rates.")
-    _add_model_data(pr)
-    pr.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    pr.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], metavar="B1,B2,...")
-    pr.add_argument("--num-batches", type=_positive_int, default=10, help="random batches per batch size (default 10)")
-    pr.add_argument("--reference-batch", type=_positive_int, default=None, metavar="B0",
-                    help="batch size the learning rates are scaled from (default: the smallest of --batch-sizes)")
-    pr.add_argument("--lr-sgd", type=float, default=None, help="SGD learning rate tuned at B0 (default: factors)")
-    pr.add_argument("--lr-adam", type=float, default=None, help="Adam learning rate tuned at B0 (default: factors)")
-    pr.set_defaults(func=cmd_predict)
+    _add_predict_and_advice(sub)
 
     from .recipes import RECIPES
 
@@ -330,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes JSON and PNG plots to --out.")
     d.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
     d.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
-    d.add_argument("--num-batches", type=_positive_int, default=10, help="random batches per batch size (default 10)")
+    d.add_argument("--num-batches", type=_positive_int, default=None,
+                   help="exactly this many random batches per batch size (default: until a 10%% standard error)")
+    d.add_argument("--max-batches", type=_positive_int, default=40,
+                   help="cap on random batches per batch size (default 40)")
     d.add_argument("--m", type=_positive_int, default=60, help="Lanczos steps for the full-data spectra (default 60)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)

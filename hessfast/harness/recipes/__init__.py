@@ -11,6 +11,7 @@
 ``adam-curvature`` Figure 19: density of Adam's implied curvature eta_i from its state
 ``outliers``       Figure 27: outliers of a 1-hidden-layer MLP's spectrum on a Gaussian mixture
 ``augmentation``   Section 12, Figure 26: spectra as the augmented data set grows
+``lr-advice``      Sections 9-11: the lr advice from measured batch curvature, validated by training
 =================  ============================================================================
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ RECIPES = {
     "adam-curvature": "adam_curvature",
     "outliers": "outliers",
     "augmentation": "augmentation",
+    "lr-advice": "lr_advice",
 }
 
 
