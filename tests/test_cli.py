@@ -9,6 +9,8 @@ import pytest
 
 from hessfast.harness.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the harness and the CLI
+
 REPO = Path(__file__).resolve().parents[1]
 
 

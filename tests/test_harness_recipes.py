@@ -7,6 +7,8 @@ import pytest
 
 from hessfast.harness.recipes import RECIPES, run_recipe
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the harness and the CLI
+
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):

@@ -11,6 +11,8 @@ from hessfast.harness.data import gmm
 from hessfast.harness.runs import Run
 from hessfast.harness.train import TrainConfig, train
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the harness and the CLI
+
 
 @pytest.fixture(scope="module")
 def data():
