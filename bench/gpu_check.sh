@@ -4,7 +4,9 @@
 # 1. builds hessfast offline with the CUDA module forced on, for this GPU's architecture only;
 # 2. runs the kernel tests (CUDA and Triton cases join because a GPU is present);
 # 3. runs the kernel benchmarks on the GPU (P = 1e6 and 1.5e7, the paper's VGG-16 size; float32 and a
-#    bfloat16 basis, against a plain device copy's bandwidth) and on the CPU.
+#    bfloat16 basis, against a plain device copy's bandwidth) and on the CPU;
+# 4. runs the transformer workload (bench/bench_transformers.py: a 1.3 M-parameter GPT-2, default SDPA
+#    attention, products by every mode and lanczos(m=100) against a float64 reference) on the GPU.
 # To start by hand on a GPU with CIFAR-100 on disk (days, not part of this check): HESSFAST_DATA=/data hessfast run lr-advice --scale paper --out runs
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +40,8 @@ RUN timeout 150 "$PY" "$PWD/bench/bench_kernels.py" --device cuda --P 1e6 1.5e7 
 RUN timeout 60 "$PY" "$PWD/bench/bench_kernels.py" --device cpu --P 1e6 --k 100 --b 1 --only cgs2 \
     --repeat 3 --save "$PWD/$OUT" > /tmp/hessfast_bench_cpu.log 2>&1 || \
     { echo "CPU bench failed:"; tail -20 /tmp/hessfast_bench_cpu.log; } >> "$OUT"
+echo -e "\n## transformers (GPT-2, SDPA attention)" >> "$OUT"
+RUN timeout 150 "$PY" "$PWD/bench/bench_transformers.py" --device cuda --attn sdpa --repeat 3 \
+    --save "$PWD/$OUT" > /tmp/hessfast_bench_transformers.log 2>&1 || \
+    { echo "transformers bench failed:"; tail -20 /tmp/hessfast_bench_transformers.log; } >> "$OUT"
 echo "results written to $OUT"
