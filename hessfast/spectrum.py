@@ -257,7 +257,8 @@ class Spectrum:
         deg = self.degeneracy()
         lines = [
             f"hessfast.Spectrum of the {meta.get('curvature', '?')} "
-            f"({'batch' if meta.get('single_batch') else 'full data'}, bn_mode={meta.get('bn_mode', '?')})",
+            f"({'batch' if meta.get('single_batch') else 'full data'}, bn_mode={meta.get('bn_mode', '?')}"
+            f"{', dropout ' + meta['dropout'] if 'dropout' in meta else ''})",
             f"  P = {meta.get('P', '?'):,}   N = {meta.get('N', '?'):,}   m = {self.m}   probes = {self.num_probes}"
             if isinstance(meta.get("P"), int) and isinstance(meta.get("N"), int)
             else f"  P = {meta.get('P', '?')}   N = {meta.get('N', '?')}   m = {self.m}   probes = {self.num_probes}",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -36,7 +37,7 @@ from . import distributed as _distributed
 from ._version import __version__
 from .engine import probe_vectors
 from .operators import ModelFunction, ghost, operator_class, per_sample
-from .operators.per_sample import PerSampleProducts
+from .operators.per_sample import PerSampleProducts, VmapUnsupported
 from .utils import data as _data
 from .utils.model_state import curvature_mode
 from .utils.serialization import jsonable
@@ -133,10 +134,11 @@ class _Route:
         reason = ghost.unsupported_reason(fn, curvature)
         if route == "ghost" and reason is not None:
             raise ValueError(f"route='ghost' cannot be used for this model: {reason}. Use route='vmap' (any model).")
-        self.fn, self.curvature = fn, curvature
+        self.fn, self.curvature, self.requested = fn, curvature, route
         self.name = route if route != "auto" else ("ghost" if reason is None else "vmap")
         self.ghost = ghost.GhostSums(fn, curvature) if self.name == "ghost" else None
         self.products = PerSampleProducts(fn, curvature)
+        self.terms = 0.0   # loss terms of the samples added (float64 tensor once a chunk is added)
 
     def auto_chunk(self, batch, R: int) -> int:
         """Samples per call: ghost, from the layer sizes seen on ``batch``; vmap and loop, from R and P."""
@@ -147,11 +149,35 @@ class _Route:
     def add(self, sums: _Sums, part, Vs: tuple) -> None:
         """Add the samples of one chunk to ``sums``."""
         n = _data.batch_size(part)
+        self.terms = self.terms + self.fn.term_count(part)
         if self.ghost is not None:
             sums.add(*self.ghost(part, sums.V), n)
             return
-        run = self.products.vmap_products if self.name == "vmap" else self.products.loop_products
-        sums.update(run(part, Vs))
+        if self.name == "vmap":
+            try:
+                sums.update(self.products.vmap_products(part, Vs))
+                return
+            except VmapUnsupported as err:
+                if self.requested == "vmap":
+                    raise ValueError(f"route='vmap' cannot batch this model over its samples: its forward pass "
+                                     f"branches on the data ({err}); e.g. Hugging Face attention masks. Use "
+                                     "route='loop' (one sample at a time, any model) or route='auto'.") from err
+                warnings.warn("hessian_variance: the model's forward pass branches on its data (e.g. an attention "
+                              "mask), so vmap cannot batch it over samples; using route='loop'.", UserWarning,
+                              stacklevel=4)
+                self.name = "loop"
+        sums.update(self.products.loop_products(part, Vs))
+
+    def rescale(self, sums: _Sums, n: int, terms: float) -> None:
+        """Per-sample products of ``s_i`` to those of ``l_i = (n / C) s_i`` (hessfast.operators.functional)."""
+        if n > 0 and not terms > 0:
+            raise ValueError(f"the {n} samples hold no loss terms (every target ignored?); the mean loss of "
+                             f"{self.fn.loss!r} is undefined.")
+        a = n / terms if n > 0 else 1.0
+        if a != 1.0:
+            sums.acc.sum_sq *= a * a
+            sums.acc.sum_u *= a
+            sums.acc.sum_vu *= a
 
 
 # ---------------------------------------------------------------------------------- data
@@ -259,7 +285,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
     Vs = fn.unflatten(sums.V)
     desc = f"hessfast: variance ({curv.curvature})"
     hide = None if progress is None else not progress
-    with curvature_mode(fn.model, fn.bn_mode):
+    with curvature_mode(fn.model, fn.bn_mode, math_attention=True):
         if ctx is None:
             batches, n_used, n_total = _subset_batches(fn, max_samples, seed)
             if chunk is None:  # ghost: from the layer sizes seen on the first batch
@@ -278,17 +304,20 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
             dist_meta["rank_samples"] = [int(c) for c in ctx.all_gather_small(
                 torch.tensor([float(sums.acc.count)], dtype=torch.float64))[:, 0].tolist()]
             _distributed.all_reduce_state(sums.acc, ctx)
+            plan.terms = float(ctx.all_gather_small(torch.tensor([float(plan.terms)], dtype=torch.float64))[:, 0].sum())
             if sums.acc.count == 0:
                 raise ValueError(f"every rank's data shard is empty (world size {ctx.world_size}); "
                                  "there are no samples to average over.")
     n = sums.acc.count
+    plan.rescale(sums, n, float(plan.terms))
     if n_total is None:
         n_total = n
     if not all(torch.isfinite(t).all() for t in (sums.acc.sum_sq, sums.acc.sum_vu, sums.acc.sum_u)):
         raise FloatingPointError("a per-sample curvature product returned NaN or Inf; check the loss and the data "
                                  "at these weights, or use dtype=torch.float64.")
     res = _summarise(fn, curv.curvature, sums, n, n_total, plan.name, chunk, seed, start)
-    res.meta["world_size"] = 1 if ctx is None else ctx.world_size
+    res.meta.update(world_size=1 if ctx is None else ctx.world_size, loss=repr(fn.loss), loss_terms=float(plan.terms),
+                    dropout="off")
     res.meta.update(dist_meta)
     return res
 

@@ -32,7 +32,7 @@ from .train import TrainConfig, load_trained_model, train
 
 
 def run_demo(out: str | Path = "hessfast_out", *, epochs: int = 5, batch_sizes: Sequence[int] = (16, 32, 64, 128, 256),
-             num_batches: Optional[int] = None, max_batches: int = 40, m: int = 60, m_batch: int = 20,
+             num_batches: Optional[int] = None, max_batches: int = 40, m: int = 60, m_batch: int = 12,
              ref_batch: int = 128, adam_lr: float = 1e-3, momentum: float = 0.9, safety: float = 0.5,
              variance_probes: int = 4, seed: int = 0, progress: bool = True, echo=print) -> Dict[str, Any]:
     """Train, measure, fit and advise (module docstring); returns what ``demo.json`` holds.

@@ -122,7 +122,8 @@ def from_callable(fn: Callable, reduction: Optional[str] = None, raw_output: boo
     Args:
         fn: a callable or ``nn.Module`` loss.
         reduction: ``"mean"`` (over the samples) or ``"sum"``; None reads ``fn.reduction``, and takes a
-            mean where ``fn`` has none.
+            mean where ``fn`` has none. ``"batchmean"`` (``nn.KLDivLoss``: the batch's sum over its
+            samples) is a mean over the samples.
         raw_output: give ``fn`` whatever the model returns (dict, ``ModelOutput``, tuple), unchanged.
         linear_in_logits: ``fn`` is linear in the outputs.
 
@@ -138,6 +139,8 @@ def from_callable(fn: Callable, reduction: Optional[str] = None, raw_output: boo
         raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(fn).__name__}.")
     if reduction is None:
         reduction = getattr(fn, "reduction", "mean")
+    if reduction == "batchmean":   # nn.KLDivLoss: the sum over a batch divided by its samples
+        reduction = "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"loss_fn has reduction={reduction!r}; hessfast needs a scalar loss: use reduction='mean' "
                          f"(the default) or 'sum', or a built-in {_BUILTINS}, which keep the per-term losses.")

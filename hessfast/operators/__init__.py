@@ -4,14 +4,17 @@
 * :mod:`.base`: :class:`CurvatureOperator`, the data loop, graph cache, normalisation, distributed
   reduction and checks, and the registry of curvatures (``operator_class("ggn")``).
 * :mod:`.hessian`, :mod:`.ggn`: the two curvatures, one per-batch product each.
+* :mod:`.finite_difference`: ``hvp_mode="fd"``, its step rule and the missing-derivative test of ``"auto"``.
 * :mod:`.per_sample`, :mod:`.ghost`: per-sample products and ghost norms for the Hessian variance.
 """
-from .base import HVP_MODES, CurvatureOperator, check_curvature, curvatures, operator_class
+from .base import CurvatureOperator, check_curvature, curvatures, operator_class
+from .finite_difference import fd_step, missing_derivative
 from .functional import ModelFunction, sum_scale
+from .modes import HVP_MODES
 from .hessian import HessianOperator  # registered first: the default curvature, listed first in errors
 from .ggn import GGNOperator  # noqa: I001
 
 CURVATURES = curvatures()  # the built-in curvatures: ("hessian", "ggn")
 
 __all__ = ["CURVATURES", "HVP_MODES", "CurvatureOperator", "GGNOperator", "HessianOperator", "ModelFunction",
-           "check_curvature", "curvatures", "operator_class", "sum_scale"]
+           "check_curvature", "curvatures", "fd_step", "missing_derivative", "operator_class", "sum_scale"]

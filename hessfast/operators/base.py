@@ -3,9 +3,11 @@
 For parameters w in R^P and the empirical risk R(w) = (1/N) sum_i l(f(x_i; w), y_i) (eq. 2 of the
 paper; eq. 3 for one batch) a curvature operator is C = (1/N) sum_i C_i, with C_i the curvature of
 sample i's loss: the Hessian (:mod:`.hessian`) or the Generalised Gauss-Newton matrix (:mod:`.ggn`).
-:class:`CurvatureOperator` sums a curvature's per-batch products over the data, caches the autograd
-graphs, divides by N, all-reduces over the ranks of a distributed run and checks every input; a
-curvature only says how one batch's product is computed.
+With a token or weighted loss R is the mean over all loss terms of the data set, (sum_b s_b) / C
+(:mod:`.functional`). :class:`CurvatureOperator` sums a curvature's per-batch products over the
+data, caches the autograd graphs, normalises, all-reduces over the ranks of a distributed run,
+picks the product mode and checks every input; a curvature only says how one batch's product is
+computed.
 """
 from __future__ import annotations
 
@@ -18,10 +20,10 @@ from tqdm.auto import tqdm
 
 from ..utils import data as _data
 from ..utils.memory import available_memory
-from ..utils.model_state import curvature_mode
+from ..utils.model_state import DROPOUT, curvature_mode
+from .finite_difference import fd_step
 from .functional import ModelFunction
-
-HVP_MODES = ("auto", "reverse", "forward")
+from .modes import ProductMode
 _REGISTRY: dict = {}
 _OOM = getattr(torch, "OutOfMemoryError", ())
 
@@ -55,22 +57,36 @@ class CurvatureOperator:
 
     Args:
         model: any ``nn.Module``; curvature is with respect to its parameters with ``requires_grad``.
-        data: one ``(inputs, targets)`` batch, or an iterable of batches (the mean over all samples).
+        data: one batch (an ``(inputs, targets)`` pair, or a dict with ``"labels"`` for the built-in
+            losses), or an iterable of batches (the mean over all loss terms of the data set).
         curvature: a registered name (:func:`curvatures`); ``None`` for the class's own.
-        loss_fn: ``loss_fn(outputs, targets) -> scalar`` with mean (default) or sum reduction;
-            default ``nn.CrossEntropyLoss()``.
+        loss_fn: a :class:`hessfast.losses.Loss` (e.g. ``hessfast.losses.causal_lm()``), or a plain
+            ``loss_fn(outputs, targets) -> scalar`` with mean (default) or sum reduction; default
+            ``hessfast.losses.cross_entropy()``, which is ``nn.CrossEntropyLoss()`` on (n, C) logits and
+            also takes a dict or ``ModelOutput``'s ``"logits"``.
         bn_mode: ``"eval"`` (running statistics) or ``"train"`` (batch statistics, Appendix E).
-        dtype: compute dtype (e.g. ``torch.float64`` for exact work); default the model's.
+            Dropout is always off.
+        dtype: compute dtype (e.g. ``torch.float64`` for exact work); default the model's, float32 for
+            a bfloat16 / float16 model (evaluated on a float32 copy). The loss's tensors are cast too.
         hvp_mode: ``"reverse"`` (double backward through the batch's graph), ``"forward"``
-            (forward-over-reverse with ``torch.func``) or ``"auto"``: reverse whenever the curvature
-            has a graph product, whether the graph is cached or not, and forward only for a curvature
-            without one. The rule is fixed, so the same call gives the same digits on the same
-            machine; it follows measurements on CPU (bench/RESULTS.md: a product was 1.5-2.4x a
-            gradient through the cached graph, 3.2-3.5x reverse uncached and 4-6x forward-over-reverse)
-            and no workload is known where forward-over-reverse wins. :attr:`hvp_mode` is what runs.
+            (forward-over-reverse with ``torch.func``), ``"fd"`` (central differences of gradients,
+            :mod:`.finite_difference`: first derivatives only, relative error ~eps^(2/3)) or ``"auto"``:
+            reverse whenever the curvature has a graph product, whether the graph is cached or not,
+            forward for a curvature without one; then one product on the first batch, and if it
+            raises PyTorch's error for an operation without a second or forward-mode derivative
+            (:func:`~hessfast.operators.finite_difference.missing_derivative`), fd with a one-line
+            warning and ``meta()["hvp_fallback"]`` saying why. The rule never depends on timings, so
+            the same call gives the same digits on the same machine; reverse follows measurements on
+            CPU (bench/RESULTS.md: a product was 1.5-2.4x a gradient through the cached graph,
+            3.2-3.5x reverse uncached and 4-6x forward-over-reverse). The exact modes evaluate
+            ``scaled_dot_product_attention`` with PyTorch's math kernel (the fused kernels have no
+            second derivative); fd keeps the default kernels. :attr:`hvp_mode` is what runs.
         cache_graph: keep the autograd graphs of all batches between products, so that a product is
             one backward pass (``"auto"``: when they fit in half the free memory, estimated from the
-            first batch's saved tensors; only in reverse mode).
+            first batch's saved tensors; only in reverse mode). In reverse mode the first batch's graph is
+            built at construction even without a cache, to check it (:mod:`.modes`). Without a cache
+            every product reads the data again, and batches that change between passes raise
+            (:class:`hessfast.utils.data.PassCheck`).
         progress: show a progress bar while the graphs are built.
         distributed: with a torch.distributed process group (``None``: when one is initialised;
             ``True``; a ``ProcessGroup``; ``False``: never) ``data`` is this rank's shard, possibly
@@ -95,6 +111,8 @@ class CurvatureOperator:
       ``is_grads_batched``).
     * ``merge_graphs(graphs) -> list`` (optional): fewer graphs with the same summed product (one
       backward call per product instead of one per batch); the default keeps the list.
+    * ``fd_product(batch, v, h) -> tuple`` (optional; serves ``hvp_mode="fd"``): the batch's sum of
+      ``C_i v`` by finite differences with step h, float64 entries.
 
     The base class does the rest: the loop over the batches, the graph cache, the division by N, the
     all-reduce over ranks (:meth:`local_sum` is the un-normalised sum of this rank), the checks and
@@ -124,21 +142,22 @@ class CurvatureOperator:
         if curvature is not None and check_curvature(curvature) != self.curvature:
             raise ValueError(f"{type(self).__name__} is the {self.curvature!r} curvature, not {curvature!r}; use "
                              f"CurvatureOperator(model, data, curvature={curvature!r}).")
-        if hvp_mode not in HVP_MODES:
-            raise ValueError(f"unknown hvp_mode {hvp_mode!r}; choose one of {HVP_MODES}.")
         if cache_graph not in ("auto", True, False):
             raise ValueError(f"cache_graph must be 'auto', True or False, got {cache_graph!r}.")
         self.fn = ModelFunction(model, data, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype, distributed=distributed)
-        self.hvp_mode = self._resolve_mode(hvp_mode)
+        self.mode = ProductMode(type(self), hvp_mode)
         self.progress = progress
         self.N = self.N_local = 0
+        self.loss_terms = 0.0
         self.rank_counts: list = []
         self.cached, self.graph_bytes_estimate = False, 0
         self._graphs: Optional[list] = None
         self._vmap_ok = True
+        self._w: Optional[torch.Tensor] = None
         if self.dist is None:
             self._build(cache_graph)
             self.rank_counts = [self.N]
+            self._set_scale()
         else:
             self._build_distributed(cache_graph)
 
@@ -160,6 +179,10 @@ class CurvatureOperator:
         """Graphs whose products sum to those of ``graphs``, fewer where possible; default: ``graphs``."""
         return graphs
 
+    def fd_product(self, batch, v: tuple, h: float) -> tuple:
+        """``sum_{i in batch} C_i v`` by finite differences with step ``h`` (float64 entries)."""
+        raise NotImplementedError
+
     @classmethod
     def has_graph_product(cls) -> bool:
         """True when the class implements :meth:`build_graph` (reverse mode is available)."""
@@ -170,23 +193,16 @@ class CurvatureOperator:
         """True when the class implements :meth:`functional_product` (forward mode is available)."""
         return cls.functional_product is not CurvatureOperator.functional_product
 
-    def _resolve_mode(self, hvp_mode: str) -> str:
-        """The product mode that runs: the documented rule for ``"auto"``, a check otherwise."""
-        available = [m for m, ok in (("reverse", self.has_graph_product()), ("forward", self.has_functional_product()))
-                     if ok]
-        if not available:
-            raise TypeError(f"{type(self).__name__} implements neither build_graph/graph_product nor "
-                            "functional_product; a curvature needs at least one (see CurvatureOperator).")
-        if hvp_mode == "auto":
-            return available[0]
-        if hvp_mode not in available:
-            raise ValueError(f"{type(self).__name__} has no {hvp_mode}-mode product; use hvp_mode="
-                             f"{available[0]!r} or 'auto'.")
-        return hvp_mode
+    @classmethod
+    def has_fd_product(cls) -> bool:
+        """True when the class implements :meth:`fd_product` (``hvp_mode="fd"`` is available)."""
+        return cls.fd_product is not CurvatureOperator.fd_product
 
     # ------------------------------------------------------------------ public seams
     model = property(lambda self: self.fn.model, doc="The user's model (never modified).")
-    loss_fn = property(lambda self: self.fn.loss_fn, doc="The loss, ``loss_fn(outputs, targets)``.")
+    loss_fn = property(lambda self: self.fn.loss_fn, doc="The ``loss_fn`` argument as passed (None: the default).")
+    loss = property(lambda self: self.fn.loss, doc="The :class:`hessfast.losses.Loss` in use.")
+    hvp_mode = property(lambda self: self.mode.name, doc="The product mode that runs (:mod:`.modes`).")
     bn_mode = property(lambda self: self.fn.bn_mode, doc="``'eval'`` or ``'train'``.")
     dtype = property(lambda self: self.fn.dtype, doc="The compute dtype.")
     device = property(lambda self: self.fn.device, doc="The model's device.")
@@ -208,11 +224,15 @@ class CurvatureOperator:
 
         ``rank_samples`` lists the samples of every rank (one entry for a single process).
         """
-        return {"curvature": self.curvature, "hvp_mode": self.hvp_mode, "cached": self.cached,
-                "bn_mode": self.bn_mode, "dtype": str(self.dtype).replace("torch.", ""),
-                "single_batch": self.single_batch, "P": self.P, "N": self.N,
+        meta = {"curvature": self.curvature, "hvp_mode": self.hvp_mode, "cached": self.cached,
+                "bn_mode": self.bn_mode, "dropout": DROPOUT, "dtype": str(self.dtype).replace("torch.", ""),
+                "single_batch": self.single_batch, "P": self.P, "N": self.N, "loss": repr(self.loss),
+                "loss_terms": self.loss_terms, "attention": "math" if self.mode.exact else "default",
                 "world_size": 1 if self.dist is None else self.dist.world_size,
                 "rank_samples": list(self.rank_counts)}
+        if self.mode.fallback is not None:
+            meta["hvp_fallback"] = self.mode.fallback
+        return meta
 
     # ------------------------------------------------------------------ construction
     def _saved_bytes(self, batch, params: tuple) -> tuple:
@@ -232,35 +252,51 @@ class CurvatureOperator:
         return graph, total[0]
 
     def _build(self, cache_graph) -> None:
-        """Count the samples and, in reverse mode with a cache that fits, build the merged graphs."""
-        with curvature_mode(self.model, self.bn_mode):
+        """One pass over the data: count the samples and the loss terms, settle ``"auto"`` by a probe
+        product on the first batch, and in reverse mode with a cache that fits, build the merged graphs."""
+        with curvature_mode(self.model, self.bn_mode, math_attention=self.mode.exact):
             batches = self.fn.batches()
             first = next(batches)
             self.N = _data.batch_size(first)
+            terms = self.fn.term_count(first, run=True)
             n_batches = self.fn.num_batches()
-            graphs, leaves = None, None
-            if self.hvp_mode == "reverse" and cache_graph is not False:
+            graphs, leaves, graph = None, None, None
+            if self.hvp_mode == "reverse":   # the first graph: checked, probed, cached if it fits
                 leaves = self.fn.leaf_params()
                 graph, nbytes = self._saved_bytes(first, leaves)
                 self.graph_bytes_estimate = nbytes * (n_batches or 1)
-                if cache_graph is True or self.graph_bytes_estimate <= 0.5 * available_memory(self.device):
-                    graphs = [graph]
-                del graph
-            else:  # no graph: one forward pass, so that a model or loss that cannot run fails here
-                with torch.no_grad():
-                    self.fn.batch_loss(self.fn.params, first)
+                self.mode.check_graph(graph, self._dtype_name())
+            if self.mode.probing:
+                self.mode.probe(lambda: self._probe_product(first, graph), self._dtype_name())
+            if graph is not None and self.hvp_mode == "reverse" and cache_graph is not False and (
+                    cache_graph is True or self.graph_bytes_estimate <= 0.5 * available_memory(self.device)):
+                graphs = [graph]
+            del graph
             bar = tqdm(batches, desc="hessfast: data", total=(n_batches - 1) if n_batches else None,
                        disable=not self.progress, leave=False)
             for batch in bar:
                 self.N += _data.batch_size(batch)
+                terms = terms + self.fn.term_count(batch)
                 if graphs is not None:
                     graphs.append(self.build_graph(batch, leaves))
             self._graphs = self.merge_graphs(graphs) if graphs is not None else None
             self.cached = self._graphs is not None
-            self.N_local = self.N
+            self.N_local, self.loss_terms = self.N, float(terms)
+
+    def _probe_product(self, first, graph) -> None:
+        """One product on the first batch in the current mode (its value is not used)."""
+        v = tuple(torch.ones_like(p) for p in self.fn.params)
+        if graph is not None:
+            self.graph_product(graph, v)
+        else:
+            self.functional_product(self.fn, self.fn.params, first, v)
+
+    def _dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
 
     def _build_distributed(self, cache_graph) -> None:
-        """Build on this rank's shard (empty allowed), then agree with the other ranks on N and the model.
+        """Build on this rank's shard (empty allowed), then agree with the other ranks on N, the number of
+        loss terms (summed in float64), the product mode and the model.
 
         All ranks raise together if any rank's build failed, if every shard is empty, or if the
         ranks' models differ (P, or the weights' fingerprint).
@@ -275,18 +311,34 @@ class CurvatureOperator:
 
         ctx.guard(local, "building the curvature operator on its data shard")
         w_sum, w_sq = self.fn.fingerprint()
-        mine = torch.tensor([float(self.N), float(self.P), w_sum, w_sq, float(empty[0])], dtype=torch.float64,
-                            device=self.device)
+        mine = torch.tensor([float(self.N), float(self.P), w_sum, w_sq, float(empty[0]), self.loss_terms,
+                             float(self.hvp_mode == "fd")], dtype=torch.float64, device=self.device)
         rows = ctx.all_gather_small(mine)
         ctx.check_agreement(rows, P_col=1, same={(2, 4): "the model's weights (sum and sum of squares of the "
                                                          "parameters)"}, empty_col=4)
         counts = [int(c) for c in rows[:, 0].tolist()]
         self.N_local, self.N, self.rank_counts = self.N, sum(counts), counts
+        self.loss_terms = float(rows[:, 5].sum())
+        if self.hvp_mode != "fd" and bool(rows[:, 6].any()):    # another rank's probe fell back
+            self._graphs, self.cached = None, False
+            self.mode.fall_back("another rank's probe found a derivative this model lacks", self._dtype_name())
+        self._set_scale()
+
+    def _set_scale(self) -> None:
+        """``term_scale = N / C``: the products' per-sample sums are then sums of ``l_i = (N / C) s_i``."""
+        if self.N > 0 and not self.loss_terms > 0:
+            raise ValueError(f"the data have no loss terms: all {self.N} samples' targets are ignored (e.g. every "
+                             f"label is the loss's ignore_index, or the class weights are zero), so the mean loss "
+                             f"{self.loss!r} is undefined. Check the labels (padding = -100) and the loss.")
+        self.fn.term_scale = self.N / self.loss_terms if self.N > 0 else 1.0
 
     # ------------------------------------------------------------------ products
-    def batch_product(self, batch, v: tuple, graph=None, batched: bool = False) -> tuple:
+    def batch_product(self, batch, v: tuple, graph=None, batched: bool = False, h: float = 0.0) -> tuple:
         """Sum over the batch's samples of ``C_i v`` in the operator's mode (``v``: parameter-shaped tuple,
-        with a leading block dimension when ``batched``); ``graph``: the batch's cached graph, if any."""
+        with a leading block dimension when ``batched``); ``graph``: the batch's cached graph, if any;
+        ``h``: the finite-difference step (fd mode, one vector at a time)."""
+        if self.hvp_mode == "fd":
+            return self.fd_product(batch, v, h)
         if self.hvp_mode == "reverse":
             graph = graph if graph is not None else self.build_graph(batch, self.fn.leaf_params())
             return self.graph_product(graph, v, batched)
@@ -309,19 +361,19 @@ class CurvatureOperator:
         rows = [product(*(t[i] for t in v)) for i in range(v[0].shape[0])]
         return tuple(torch.stack(parts) for parts in zip(*rows))
 
-    def _explained_product(self, batch, v: tuple, graph, batched: bool) -> tuple:
-        """:meth:`batch_product`; a forward-mode failure (an operation without a forward-mode or vmap
-        rule) names the fix."""
+    def _explained_product(self, batch, v: tuple, graph, batched: bool, h: float) -> tuple:
+        """:meth:`batch_product`; a failure for want of a derivative names the mode that works."""
         try:
-            return self.batch_product(batch, v, graph, batched)
-        except RuntimeError as err:
-            if self.hvp_mode != "forward" or not self.has_graph_product() or isinstance(err, _OOM):
+            return self.batch_product(batch, v, graph, batched, h)
+        except (RuntimeError, NotImplementedError) as err:
+            better = None if isinstance(err, _OOM) else self.mode.explain(err)
+            if better is None:
                 raise
-            raise RuntimeError(f"forward-over-reverse failed for this model or loss ({err}); "
-                               "use hvp_mode='reverse' (double backward).") from err
+            raise better from err
 
     def local_sum(self, V: torch.Tensor) -> torch.Tensor:
-        """Un-normalised sum over this rank's samples of ``C_i v``: ``V`` (P,) -> (P,), or (b, P) -> (b, P).
+        """Sum over this rank's samples of ``C_i v`` (C_i: the curvature of ``l_i = (N / C) s_i``, module
+        :mod:`.functional`): ``V`` (P,) -> (P,), or (b, P) -> (b, P).
 
         Zeros for an empty data shard; no collective (the distributed mean is the all-reduce of the
         ranks' local sums divided by :attr:`N`).
@@ -329,23 +381,39 @@ class CurvatureOperator:
         V = self._check_vector(V, None)
         if self.N_local == 0:
             return torch.zeros_like(V)
-        if V.dim() == 2 and self.cached:
+        if V.dim() == 2 and (self.cached or self.hvp_mode == "fd"):
             # Through a cached graph there is no forward pass left to share, and a batched backward
             # was measured slower (0.6-0.85x, bench/bench_block_hvp.py): one product after another.
+            # Finite differences take a step per vector.
             return torch.stack([self._sum_over_data(v, False) for v in V])
         return self._sum_over_data(V, V.dim() == 2)
 
     def _sum_over_data(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
+        fd = self.hvp_mode == "fd"
+        h = fd_step(self._point(), V, self.dtype) if fd else 0.0
+        if fd and h == 0.0:
+            return torch.zeros_like(V)
         v = self.fn.unflatten(V)
         lead = tuple(V.shape[:-1])
         total = None
-        with curvature_mode(self.model, self.bn_mode):
+        with curvature_mode(self.model, self.bn_mode, math_attention=not fd):
             pairs = [(None, g) for g in self._graphs] if self._graphs is not None else \
                 ((b, None) for b in self.fn.batches())
             for batch, graph in pairs:
-                flat = self.fn.flatten(self._explained_product(batch, v, graph, batched), lead)
+                parts = self._explained_product(batch, v, graph, batched, h)
+                flat = torch.cat([p.reshape(*lead, -1) for p in parts], -1) if fd else self.fn.flatten(parts, lead)
                 total = flat if total is None else total.add_(flat)
-        return torch.zeros_like(V) if total is None else total
+        if total is None:
+            return torch.zeros_like(V)
+        if self.fn.term_scale != 1.0:
+            total = total.mul_(self.fn.term_scale)
+        return total.to(V.dtype)
+
+    def _point(self) -> torch.Tensor:
+        """The flat point w, kept for the finite-difference step rule."""
+        if self._w is None:
+            self._w = self.fn.parameter_vector()
+        return self._w
 
     def _apply(self, V: torch.Tensor) -> torch.Tensor:
         total = self.fn.all_reduce_sum(lambda: self.local_sum(V), V, "computing a curvature product")
@@ -405,3 +473,4 @@ class CurvatureOperator:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(curvature={self.curvature!r}, P={self.P}, N={self.N}, dtype={self.dtype}, "
                 f"hvp_mode={self.hvp_mode!r}, cached={self.cached}, bn_mode={self.bn_mode!r})")
+

@@ -7,7 +7,12 @@ Hessian of its loss in the outputs, so G is positive semi-definite for a convex 
 In reverse mode ``J v`` comes from the *double-vjp trick*: ``J^T u`` is linear in the cotangent u,
 so its derivative in u along v is ``J v``, one more backward pass through the recorded graph of
 ``J^T u`` (:func:`linearize`, :func:`jacobian_vector`). The ghost-norm route of the Hessian variance
-(:mod:`.ghost`) uses the same functions.
+(:mod:`.ghost`) uses the same functions. In fd mode ``J v`` is the central difference of the outputs
+(:mod:`.finite_difference`), so the model needs first derivatives only.
+
+A loss linear in the outputs (e.g. a KL divergence of log-probabilities the model returns) has
+``H_out = 0`` and so a zero GGN; every mode returns zeros for it (:func:`output_hessian` gives a
+``grad_out`` without a graph).
 """
 from __future__ import annotations
 
@@ -16,16 +21,34 @@ from dataclasses import dataclass
 import torch
 
 from .base import CurvatureOperator
+from .finite_difference import central_difference, shifted
 from .functional import ModelFunction, add_parts
 
 
 # ---------------------------------------------------------------------------- the pieces of a product
 def output_hessian(fn: ModelFunction, out: torch.Tensor, batch) -> tuple:
     """``(out_d, grad_out)``: a leaf copy of the outputs and ``d(sum of the losses)/d out_d`` with its graph,
-    so that ``H_out u`` is one backward pass, ``autograd.grad(grad_out, out_d, u)``."""
+    so that ``H_out u`` is one backward pass, ``autograd.grad(grad_out, out_d, u)`` (:func:`hessian_times`).
+
+    For a loss linear in the outputs ``grad_out`` has no graph (``H_out = 0``)."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the GGN needs the model's outputs as a tensor, but the loss passes on a "
+                        f"{type(out).__name__}; use a hessfast.losses built-in (they take the logits of a dict, "
+                        "ModelOutput or tuple) or curvature='hessian'.")
     out_d = out.detach().requires_grad_(True)
-    (grad_out,) = torch.autograd.grad(fn.output_loss(out_d, batch), out_d, create_graph=True)
+    loss = fn.output_loss(out_d, batch)
+    if not loss.requires_grad:
+        return out_d, torch.zeros_like(out_d)
+    (grad_out,) = torch.autograd.grad(loss, out_d, create_graph=not fn.loss.linear_in_logits)
     return out_d, grad_out
+
+
+def hessian_times(grad_out: torch.Tensor, out_d: torch.Tensor, u: torch.Tensor, batched: bool = False,
+                  retain: bool = True) -> torch.Tensor:
+    """``H_out u`` by one backward pass through ``grad_out``; zeros for a loss linear in the outputs."""
+    if not grad_out.requires_grad:
+        return torch.zeros_like(u)
+    return torch.autograd.grad(grad_out, out_d, u, retain_graph=retain, is_grads_batched=batched)[0]
 
 
 def linearize(out: torch.Tensor, params: tuple) -> tuple:
@@ -87,14 +110,18 @@ class GGNOperator(CurvatureOperator):
 
     def graph_product(self, graph: GGNGraph, v: tuple, batched: bool = False) -> tuple:
         """``J^T H_out J v``: J v by the double-vjp trick, then H_out, then J^T (three backward passes)."""
+        if not any(g.requires_grad for g in graph.grad_out):   # a loss linear in the outputs
+            return tuple(None for _ in v)
         jv = jacobian_vector(graph.jtu, graph.u, v, batched)
-        hjv = torch.autograd.grad(graph.grad_out, graph.out_d, jv, retain_graph=True, is_grads_batched=batched)
+        hjv = [hessian_times(g, o, u, batched) for g, o, u in zip(graph.grad_out, graph.out_d, jv)]
         return torch.autograd.grad(graph.out, graph.params, hjv, retain_graph=True, allow_unused=True,
                                    is_grads_batched=batched)
 
     @staticmethod
     def functional_product(fn: ModelFunction, params: tuple, batch, v: tuple, reverse: bool = False) -> tuple:
         """``sum_{i in batch} J_i^T H_out,i J_i v`` with torch.func (``reverse``: H_out by vjp of grad)."""
+        if fn.loss.linear_in_logits:
+            return tuple(torch.zeros_like(t) for t in v)
         f = lambda p: fn.forward(p, batch[0])  # noqa: E731
         out, jv = torch.func.jvp(f, (params,), (v,))
         grad_out = torch.func.grad(lambda o: fn.output_loss(o, batch))
@@ -103,3 +130,20 @@ class GGNOperator(CurvatureOperator):
         else:
             hjv = torch.func.jvp(grad_out, (out.detach(),), (jv,))[1]
         return torch.func.vjp(f, params)[1](hjv)[0]
+
+    def fd_product(self, batch, v: tuple, h: float) -> tuple:
+        """``J^T H_out J v`` with ``J v = (f(w + h v) - f(w - h v)) / 2h`` (float64), H_out and J^T exact."""
+        plus, minus = shifted(self.fn.params, v, h)
+        with torch.no_grad():
+            f_plus, f_minus = self.fn.forward(plus, batch[0]), self.fn.forward(minus, batch[0])
+        with torch.enable_grad():
+            params = self.fn.leaf_params()
+            out = self.fn.forward(params, batch[0])
+            out_d, grad_out = output_hessian(self.fn, out, batch)
+            if not grad_out.requires_grad:   # a loss linear in the outputs: G = 0
+                return tuple(torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in params)
+            (jv,) = central_difference((f_plus,), (f_minus,), h, (out,))
+            q = hessian_times(grad_out, out_d, jv.to(out.dtype), retain=False)
+            parts = torch.autograd.grad(out, params, q, allow_unused=True)
+        return tuple(torch.zeros(p.shape, dtype=torch.float64, device=p.device) if g is None else g.double()
+                     for g, p in zip(parts, params))

@@ -38,7 +38,7 @@ from torch import nn
 from ..utils import data as _data
 from ..utils.memory import available_memory
 from .functional import ModelFunction
-from .ggn import GGNOperator, jacobian_vector, linearize, output_hessian
+from .ggn import GGNOperator, hessian_times, jacobian_vector, linearize, output_hessian
 from .hessian import HessianOperator
 
 SUPPORTED = (nn.Linear, nn.Conv2d)
@@ -445,7 +445,7 @@ def _hessian_double_backward(fn: ModelFunction, st: _TapState, batch, Vs, flags,
 def _ggn_probe(fn: ModelFunction, st: _TapState, out, params, out_d, g_out, u, norms, retain: bool) -> tuple:
     """One probe's (sum_i G_i v (P,), sum_i ||G_i v||^2) from u = J v: q = H_out u, then J^T q with the
     layer hooks recording what the ghost norms need."""
-    (q,) = torch.autograd.grad(g_out, out_d, u, retain_graph=retain)                          # H_out,i u_i
+    q = hessian_times(g_out, out_d, u, retain=retain)                                          # H_out,i u_i
     second = torch.autograd.grad(out, params, q, retain_graph=retain, allow_unused=True)   # fills st.out_grads
     return fn.flatten(second), norms(list(st.out_grads))
 

@@ -2,7 +2,8 @@
 
 ``H v`` is Pearlmutter's trick: the derivative of ``v . grad R`` along w. Reverse mode
 differentiates the recorded gradient graph once more (double backward); forward mode is
-``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse).
+``torch.func.jvp`` of ``torch.func.grad`` (forward-over-reverse); fd mode is the central difference
+of two gradients (:mod:`.finite_difference`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import CurvatureOperator
+from .finite_difference import central_difference, gradient, shifted
 from .functional import ModelFunction, add_parts
 
 
@@ -58,3 +60,8 @@ class HessianOperator(CurvatureOperator):
         if reverse:
             return torch.func.vjp(g, params)[1](v)[0]
         return torch.func.jvp(g, (params,), (v,))[1]
+
+    def fd_product(self, batch, v: tuple, h: float) -> tuple:
+        """``sum_{i in batch} nabla^2 l_i v`` as ``(g(w + h v) - g(w - h v)) / 2h``, float64 entries."""
+        plus, minus = shifted(self.fn.params, v, h)
+        return central_difference(gradient(self.fn, plus, batch), gradient(self.fn, minus, batch), h, self.fn.params)

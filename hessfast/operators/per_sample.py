@@ -35,11 +35,27 @@ def auto_chunk(R: int, P: int, dtype: torch.dtype, device: torch.device) -> int:
     return chunk
 
 
+class VmapUnsupported(RuntimeError):
+    """The model cannot be vmapped over its samples: its forward pass branches on the data (e.g. Hugging
+    Face's attention-mask code calls ``.all()`` on the mask to pick a kernel)."""
+
+
+def data_dependent(err: BaseException) -> bool:
+    """True for torch.func's error on ``.item()`` or data-dependent control flow under ``vmap``."""
+    text = str(err)
+    return "vmap" in text and ("data-dependent control flow" in text or ".item()" in text)
+
+
 class PerSampleProducts:
     """``C_i v_r`` of a curvature class (e.g. :class:`~hessfast.operators.HessianOperator`) on ``fn``.
 
     Forward-over-reverse by default; where a loss has no vmap-able forward rule the products switch
-    once to reverse over reverse (:attr:`reverse` becomes True) and stay there.
+    once to reverse over reverse (:attr:`reverse` becomes True) and stay there. A model whose forward
+    pass branches on its data cannot be vmapped over samples at all: :meth:`vmap_products` raises
+    :class:`VmapUnsupported` and :meth:`loop_products` is the route that works.
+
+    The products are those of each sample's sum of loss terms ``s_i``; the caller scales them to
+    ``l_i = (N / C) s_i`` (:mod:`.functional`).
     """
 
     def __init__(self, fn: ModelFunction, curvature: type):
@@ -60,7 +76,9 @@ class PerSampleProducts:
             try:
                 parts = torch.func.vmap(torch.func.vmap(fn, in_dims=(None, None, 0)),
                                         in_dims=(0, 0, None))(inputs, targets, Vs)
-            except RuntimeError:
+            except RuntimeError as err:
+                if data_dependent(err):
+                    raise VmapUnsupported(str(err).splitlines()[0]) from err
                 if reverse:
                     raise
                 continue

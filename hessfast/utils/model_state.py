@@ -6,6 +6,9 @@ change is module state: ``training`` flags, which we set for the chosen batch-no
 batch-norm running statistics, which a train-mode forward would update. :func:`curvature_mode`
 sets the modes for the duration of a computation and restores every flag afterwards, and in
 ``bn_mode="train"`` it switches off running-statistics tracking so that no buffer is written.
+
+Dropout is always off during a curvature computation (the model is in eval mode): the curvature of
+a function with random masks is a random matrix, and Lanczos needs the same matrix at every step.
 """
 from __future__ import annotations
 
@@ -25,14 +28,21 @@ def check_bn_mode(bn_mode: str) -> str:
     return bn_mode
 
 
+DROPOUT = "off"   # what meta["dropout"] reports: curvature_mode always evaluates with dropout off
+
+
 @contextlib.contextmanager
-def curvature_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+def curvature_mode(model: nn.Module, bn_mode: str = "eval", math_attention: bool = False) -> Iterator[nn.Module]:
     """Put ``model`` in the mode used for curvature products; restore all flags on exit.
 
     ``bn_mode="eval"``: the whole model in eval mode (batch norm uses running statistics, dropout is
     off). ``bn_mode="train"``: eval mode except batch-norm layers, which normalise with the
     statistics of the batch (Appendix E); their running statistics are not updated. Dropout stays
     off in both modes, because a curvature matrix of a random function is not what users ask for.
+
+    ``math_attention=True`` also restricts ``F.scaled_dot_product_attention`` to PyTorch's math
+    kernel, the only one whose backward can be differentiated again (the fused flash / efficient /
+    cuDNN kernels have no second derivative): exact products need it, finite differences do not.
     """
     check_bn_mode(bn_mode)
     modules = list(model.modules())
@@ -46,12 +56,29 @@ def curvature_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Modul
                     tracking[m] = m.track_running_stats
                     m.track_running_stats = False
                     m.train()
-        yield model
+        with _math_attention() if math_attention else contextlib.nullcontext():
+            yield model
     finally:
         for m, flag in zip(modules, training):
             m.training = flag
         for m, flag in tracking.items():
             m.track_running_stats = flag
+
+
+def _math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def compute_dtype(model_dtype: torch.dtype, dtype=None) -> torch.dtype:
+    """The dtype products are computed in: ``dtype`` if given, else the model's, widened from
+    bfloat16 / float16 to float32 (a half-precision model is evaluated on a float32 copy)."""
+    if dtype is not None:
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype (e.g. torch.float64), got {dtype}.")
+        return dtype
+    return torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
 
 
 def trainable_parameters(model: nn.Module) -> dict:

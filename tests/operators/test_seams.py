@@ -37,7 +37,8 @@ def test_meta_names_and_unflatten():
     op = hessfast.GGNOperator(case.model, case.loader([12, 20]), bn_mode="train", hvp_mode="forward")
     assert op.meta() == {"curvature": "ggn", "hvp_mode": "forward", "cached": False, "bn_mode": "train",
                          "dtype": "float64", "single_batch": False, "P": 57, "N": 32, "world_size": 1,
-                         "rank_samples": [32]}
+                         "rank_samples": [32], "dropout": "off", "attention": "math", "loss_terms": 32.0,
+                         "loss": "cross_entropy(ignore_index=-100, label_smoothing=0.0, weight=None, class_dim=1)"}
     trainable = [(n, p) for n, p in case.model.named_parameters() if p.requires_grad]
     assert op.names == [n for n, _ in trainable]
     w = op.parameter_vector()
