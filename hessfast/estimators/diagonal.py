@@ -23,7 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import _linear
+from ._linear import (as_operator, block_rows, check_count, exact_diagonal, generator, matmat, parameter_layout,
+                      rademacher, split_parameters)
 from .trace import leave_one_out_normals, orthonormal_rows
 
 METHODS = ("hutchinson", "xdiag")
@@ -58,7 +59,7 @@ class DiagonalEstimate:
         """{parameter name: tensor of that parameter's shape} of ``estimate`` (or ``"stderr"``)."""
         if which not in ("estimate", "stderr"):
             raise ValueError(f"which must be 'estimate' or 'stderr', got {which!r}.")
-        return _linear.split_parameters(getattr(self, which), self.layout, "DiagonalEstimate.as_parameters")
+        return split_parameters(getattr(self, which), self.layout, "DiagonalEstimate.as_parameters")
 
     def __str__(self) -> str:
         return (f"diagonal of P = {self.estimate.numel():,}: sum {float(self.estimate.sum()):.6g}, "
@@ -88,21 +89,21 @@ def diagonal(model_or_operator: Any, data: Any = None, num_matvecs: int = 100, m
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    num_matvecs = _linear.check_count(num_matvecs, MINIMUM[method], method, "diagonal")
-    gen = _linear.generator(seed)
+    num_matvecs = check_count(num_matvecs, MINIMUM[method], method, "diagonal")
+    gen = generator(seed)
     start = time.perf_counter()
-    op = _linear.as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
+    op = as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
                              operator_kwargs=operator_kwargs, caller="diagonal")
-    block = _linear.block_rows(op, max_block)
+    block = block_rows(op, max_block)
     if num_matvecs >= op.P:
-        est = _linear.exact_diagonal(op, block, "diagonal")
+        est = exact_diagonal(op, block, "diagonal")
         err, used, method = torch.zeros_like(est), op.P, "exact"
     else:
         est, err, used = (hutchinson_diagonal if method == "hutchinson" else xdiag)(op, num_matvecs, gen, block)
     model = model_or_operator if isinstance(model_or_operator, torch.nn.Module) else None
     meta = {"P": op.P, "N": getattr(op, "N", None), "curvature": getattr(op, "curvature", None),
             "dtype": str(op.dtype).replace("torch.", ""), "block": block, "elapsed": time.perf_counter() - start}
-    return DiagonalEstimate(est, err, used, method, int(seed), meta, _linear.parameter_layout(op, model))
+    return DiagonalEstimate(est, err, used, method, int(seed), meta, parameter_layout(op, model))
 
 
 def hutchinson_diagonal(op, n: int, gen: torch.Generator, block: int) -> tuple:
@@ -111,8 +112,8 @@ def hutchinson_diagonal(op, n: int, gen: torch.Generator, block: int) -> tuple:
     squares = torch.zeros_like(total)
     for start in range(0, n, block):
         b = min(block, n - start)
-        Om = _linear.rademacher(gen, b, op.P, op.dtype, op.device)
-        terms = (Om * _linear.matmat(op, Om, block, "diagonal (hutchinson)")).double()
+        Om = rademacher(gen, b, op.P, op.dtype, op.device)
+        terms = (Om * matmat(op, Om, block, "diagonal (hutchinson)")).double()
         total += terms.sum(0)
         squares += (terms * terms).sum(0)
     mean = total / n
@@ -128,10 +129,10 @@ def xdiag(op, n: int, gen: torch.Generator, block: int) -> tuple:
     evaluated in float64 over chunks of coordinates.
     """
     s = n // 2
-    Om = _linear.rademacher(gen, s, op.P, op.dtype, op.device)
-    Y = _linear.matmat(op, Om, block, "diagonal (xdiag sketch)")
+    Om = rademacher(gen, s, op.P, op.dtype, op.device)
+    Y = matmat(op, Om, block, "diagonal (xdiag sketch)")
     Q, R = orthonormal_rows(Y)
-    Z = _linear.matmat(op, Q, block, "diagonal (xdiag)")
+    Z = matmat(op, Q, block, "diagonal (xdiag)")
     T = (Z.double() @ Om.double().T).cpu()                       # T[k, i] = (A q_k) . omega_i
     S = leave_one_out_normals(R)
     st = (S * T).sum(0)                                          # s_i . T_i

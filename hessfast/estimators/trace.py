@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from . import _linear
+from ._linear import as_operator, block_rows, check_count, exact_diagonal, generator, matmat, rademacher
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}
@@ -109,14 +109,14 @@ def trace(model_or_operator: Any, data: Any = None, num_matvecs: int = 99, metho
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}.")
-    num_matvecs = _linear.check_count(num_matvecs, MINIMUM[method], method, "trace")
-    gen = _linear.generator(seed)
+    num_matvecs = check_count(num_matvecs, MINIMUM[method], method, "trace")
+    gen = generator(seed)
     start = time.perf_counter()
-    op = _linear.as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
+    op = as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
                              operator_kwargs=operator_kwargs, caller="trace")
-    block = _linear.block_rows(op, max_block)
+    block = block_rows(op, max_block)
     if num_matvecs >= op.P:
-        diag = _linear.exact_diagonal(op, block, "trace")
+        diag = exact_diagonal(op, block, "trace")
         est, err, samples, used, sizes, method = float(diag.sum()), 0.0, np.zeros(0), op.P, {}, "exact"
     else:
         est, err, samples, used, sizes = ESTIMATORS[method](op, num_matvecs, gen, block)
@@ -131,8 +131,8 @@ def hutchinson(op, n: int, gen: torch.Generator, block: int) -> tuple:
     samples = []
     for start in range(0, n, block):
         b = min(block, n - start)
-        Om = _linear.rademacher(gen, b, op.P, op.dtype, op.device)
-        AOm = _linear.matmat(op, Om, block, "trace (hutchinson)")
+        Om = rademacher(gen, b, op.P, op.dtype, op.device)
+        AOm = matmat(op, Om, block, "trace (hutchinson)")
         samples.append((Om.double() * AOm.double()).sum(1).cpu())
     s = torch.cat(samples).numpy()
     return float(s.mean()), float(s.std(ddof=1) / math.sqrt(n)), s, n, {}
@@ -148,13 +148,13 @@ def hutchpp(op, n: int, gen: torch.Generator, block: int) -> tuple:
     """Hutch++ (Meyer et al. 2021, Algorithm 1) with k = n // 3 sketch vectors and l = n - 2k residual vectors."""
     k = n // 3
     l = n - 2 * k
-    S = _linear.rademacher(gen, k, op.P, op.dtype, op.device)
-    G = _linear.rademacher(gen, l, op.P, op.dtype, op.device)
-    Q, _ = orthonormal_rows(_linear.matmat(op, S, block, "trace (hutch++ sketch)"))
+    S = rademacher(gen, k, op.P, op.dtype, op.device)
+    G = rademacher(gen, l, op.P, op.dtype, op.device)
+    Q, _ = orthonormal_rows(matmat(op, S, block, "trace (hutch++ sketch)"))
     del S
-    low_rank = float((Q.double() * _linear.matmat(op, Q, block, "trace (hutch++)").double()).sum())
+    low_rank = float((Q.double() * matmat(op, Q, block, "trace (hutch++)").double()).sum())
     U = G - (G @ Q.T) @ Q                                       # (I - QQ^T) g_j, one per row
-    s = (U.double() * _linear.matmat(op, U, block, "trace (hutch++ residual)").double()).sum(1).cpu().numpy()
+    s = (U.double() * matmat(op, U, block, "trace (hutch++ residual)").double()).sum(1).cpu().numpy()
     est = low_rank + float(s.mean())
     return est, float(s.std(ddof=1) / math.sqrt(l)), s, 2 * k + l, {"sketch": k, "residual_vectors": l,
                                                                     "low_rank_part": low_rank}
@@ -198,10 +198,10 @@ def xtrace_terms(R, H, W, T, om_y) -> torch.Tensor:
 def xtrace(op, n: int, gen: torch.Generator, block: int) -> tuple:
     """XTrace (Epperly, Tropp & Webber 2024) with s = n // 2 Rademacher test vectors, 2s products."""
     s = n // 2
-    Om = _linear.rademacher(gen, s, op.P, op.dtype, op.device)
-    Y = _linear.matmat(op, Om, block, "trace (xtrace sketch)")
+    Om = rademacher(gen, s, op.P, op.dtype, op.device)
+    Y = matmat(op, Om, block, "trace (xtrace sketch)")
     Q, R = orthonormal_rows(Y)
-    Z = _linear.matmat(op, Q, block, "trace (xtrace)")
+    Z = matmat(op, Q, block, "trace (xtrace)")
     d = lambda a: a.double().cpu()  # noqa: E731 -- the s x s algebra runs in float64 on the CPU
     H, W, T = d(Q @ Z.T), d(Q @ Om.T), d(Z @ Om.T)
     om_y = (Om.double() * Y.double()).sum(1).cpu()

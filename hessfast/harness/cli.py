@@ -187,10 +187,7 @@ def cmd_spectrum(args) -> int:
         if hdist.is_main():
             out = _out(args)
             stem = out / f"spectrum_{args.curvature}_{tag}"
-            spec.save(f"{stem}.json")
-            spec.plot(f"{stem}.png")
-            print(spec)
-            print(f"wrote {stem}.json and {stem}.png")
+            _write_result(spec, stem)
     finally:
         if ctx is not None and dist.is_initialized():
             dist.destroy_process_group()
@@ -225,6 +222,14 @@ def _measure_kwargs(args) -> Dict[str, Any]:
                 max_seconds=args.max_seconds, seed=args.seed, progress=not args.quiet)
 
 
+def _write_result(result, stem) -> None:
+    """Save ``result`` (a Spectrum, Prediction or LRAdvice) as ``stem``.json and .png and print it."""
+    result.save(f"{stem}.json")
+    result.plot(f"{stem}.png")
+    print(result)
+    print(f"wrote {stem}.json and {stem}.png")
+
+
 def cmd_predict(args) -> int:
     from hessfast import predict
 
@@ -237,10 +242,7 @@ def cmd_predict(args) -> int:
                     reference_batch=args.reference_batch, lr_sgd=args.lr_sgd, lr_adam=args.lr_adam,
                     **_measure_kwargs(args))
     stem = _out(args) / f"predict_{args.curvature}"
-    table.save(f"{stem}.json")
-    table.plot(f"{stem}.png")
-    print(table)
-    print(f"wrote {stem}.json and {stem}.png")
+    _write_result(table, stem)
     return 0
 
 
@@ -265,10 +267,7 @@ def cmd_advice(args) -> int:
                        reference=reference, safety=args.safety, predict_at=args.predict_at or (),
                        **_measure_kwargs(args))
     stem = _out(args) / f"advice_{args.optimizer}_{args.curvature}"
-    advice.save(f"{stem}.json")
-    advice.plot(f"{stem}.png")
-    print(advice)
-    print(f"wrote {stem}.json and {stem}.png")
+    _write_result(advice, stem)
     return 0
 
 
