@@ -30,8 +30,8 @@ RUN "$PY" -c 'import json, hessfast.kernels as k; print(json.dumps(k.backends(),
 echo -e "\n## tests" >> "$OUT"
 # TRITON_INTERPRET=0 keeps conftest's setdefault from switching Triton to the interpreter
 RUN env TRITON_INTERPRET=0 timeout 180 "$PY" -m pytest -q -x -p no:cacheprovider --rootdir "$PWD" \
-    "$PWD/tests/test_kernels.py" "$PWD/tests/test_kernels_sqhvp.py" "$PWD/tests/test_block_lanczos.py" \
-    "$PWD/tests/test_build.py" "$PWD/tests/test_distributed.py::test_host_basis_streams_to_cuda" 2>&1 | tail -15 >> "$OUT"
+    "$PWD/tests/kernels/test_kernels.py" "$PWD/tests/kernels/test_kernels_sqhvp.py" "$PWD/tests/engine/test_block_lanczos.py" \
+    "$PWD/tests/kernels/test_build.py" "$PWD/tests/distributed/test_data_parallel.py::test_host_basis_streams_to_cuda" 2>&1 | tail -15 >> "$OUT"
 
 echo -e "\n## benchmarks" >> "$OUT"
 RUN timeout 150 "$PY" "$PWD/bench/bench_kernels.py" --device cuda --P 1e6 1.5e7 --k 10 100 --b 1 8 \

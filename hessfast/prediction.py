@@ -309,7 +309,7 @@ class _BatchDraws:
         if len(idx) == 0:  # none here: an empty shard of this batch (distributed only)
             batch = []
         else:
-            batch = (_data._map_tensors(self.x, lambda t: t[idx.to(t.device)]), self.y[idx.to(self.y.device)])
+            batch = (_data.map_tensors(self.x, lambda t: t[idx.to(t.device)]), self.y[idx.to(self.y.device)])
         spec = lanczos(self.model, batch, self.steps, num_probes=1, progress=False,
                        seed=None if self.seed is None else int(self.seed) + 1 + j, **self.common)
         return float(spec.lambda_max)

@@ -12,7 +12,6 @@ from hessfast.advice import LRAdvice, lr_advice
 from hessfast.utils.model_state import snapshot
 
 import cases
-from test_operators import assert_model_unchanged
 
 SIZES = [4, 8, 16, 32, 64]
 
@@ -107,7 +106,7 @@ def test_adam_advice_follows_sqrt_from_the_reference_where_unconstrained(measure
     assert rel.relative and rel.rows[0]["lr"] == pytest.approx(1.0)
 
 
-def test_lr_advice_end_to_end(tmp_path):
+def test_lr_advice_end_to_end(tmp_path, assert_model_unchanged):
     case = cases.mlp_case(n=96)
     before = snapshot(case.model)
     adv = lr_advice(case.model, case.loader([32, 32, 32]), [4, 16, 64], predict_at=[32, 96], m=20, seed=0,

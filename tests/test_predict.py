@@ -13,7 +13,6 @@ from hessfast.utils.model_state import snapshot
 from hessfast.prediction import Prediction, jacobian_entry_variance, predict
 
 import cases
-from test_operators import assert_model_unchanged
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def small():
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_batch_lambda_exceeds_full_lambda_on_average(small, curvature, tmp_path):
+def test_batch_lambda_exceeds_full_lambda_on_average(small, curvature, tmp_path, assert_model_unchanged):
     case, loader = small
     before = snapshot(case.model)
     pred = predict(case.model, loader, [4, 16, 64], curvature=curvature, num_batches=5, m=20, seed=0,

@@ -11,7 +11,6 @@ from hessfast.utils.model_state import snapshot
 from hessfast.variance import HessianVariance, hessian_variance, unit_probes
 
 import cases
-from test_operators import assert_model_unchanged
 
 
 # ---------------------------------------------------------------------- dense per-sample truth
@@ -60,7 +59,7 @@ def dense_truth():
 
 
 @pytest.mark.parametrize("name,curvature", DENSE)
-def test_orthonormal_basis_gives_the_exact_per_element_variance(dense_truth, name, curvature):
+def test_orthonormal_basis_gives_the_exact_per_element_variance(dense_truth, name, curvature, assert_model_unchanged):
     case, C = dense_truth(name, curvature)
     P = C.shape[1]
     Q = random_orthonormal(P, 1)
@@ -131,7 +130,7 @@ def reused_case(n=13):
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "mlp-mse", "linear", "reused"])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
-def test_ghost_norms_equal_vmap_and_loop(name, curvature):
+def test_ghost_norms_equal_vmap_and_loop(name, curvature, assert_model_unchanged):
     case = reused_case() if name == "reused" else cases.ALL[name]()
     kw = dict(curvature=curvature, loss_fn=case.loss_fn, num_probes=3, seed=7, progress=False)
     data = case.loader([6, len(case.y) - 6])
@@ -220,7 +219,7 @@ def test_auto_chunk_sizes():
     assert c1 >= c8 >= 1
 
 
-def test_auto_route_and_batchnorm():
+def test_auto_route_and_batchnorm(assert_model_unchanged):
     case = cases.bn_case()
     before = snapshot(case.model)
     res = hessian_variance(case.model, case.batch, num_probes=2, progress=False)

@@ -1,6 +1,6 @@
 """Pure-PyTorch references of hessfast's kernels, and the accumulation contract of every backend.
 
-Each reference is the CPU/GPU fallback (``backend="torch"``), the yardstick of tests/test_kernels*.py
+Each reference is the CPU/GPU fallback (``backend="torch"``), the yardstick of tests/kernels/test_kernels*.py
 (a backend's error against a float64 evaluation of the same inputs may be at most twice the
 same-precision reference's) and the baseline of bench/bench_kernels.py.  They are written as fast
 as plain PyTorch allows (BLAS ``mm``/``addmm_``, no temporaries of size P beyond one clone), so

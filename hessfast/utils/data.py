@@ -118,8 +118,6 @@ def map_tensors(x: Any, fn) -> Any:
     return type(x)(fn(v) for v in x)
 
 
-_map_tensors = map_tensors  # alias: hessfast.prediction reads this name
-
 
 def tensors_of(x: Any) -> list:
     if isinstance(x, torch.Tensor):

@@ -4,7 +4,7 @@ Every strategy (in device memory, host memory in tiles of 2 rows, three-vector, 
 ranks) runs the one recurrence on dense float64 matrices (P = 61, prime, so the 3 shards are
 uneven and the last one is zero-padded). The sharded runs use 3 threads with an in-process stand-in
 for :class:`hessfast.distributed.DistContext` whose collectives sum in rank order, so all ranks
-must return bit-identical results; the gloo runs of tests/test_distributed.py cover the real one.
+must return bit-identical results; the gloo runs of tests/distributed/test_data_parallel.py cover the real one.
 Truth is ``numpy.linalg.eigvalsh`` and the invariants Q Q^T = I and Q A Q^T = T.
 """
 import threading

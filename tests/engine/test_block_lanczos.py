@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from hessfast.engine import block_lanczos, block_lanczos_spectrum
-from test_kernels import BACKENDS, _device
 
 
 def dense_case(P=60, top=10.0, mult=3, seed=0):
@@ -34,9 +33,8 @@ def single_lanczos(A, v, m):
     return th, S[0] ** 2
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_block_resolves_repeated_top_eigenvalue(backend):
-    dev = _device(backend)
+def test_block_resolves_repeated_top_eigenvalue(backend, backend_device):
+    dev = backend_device
     A, evals = dense_case()
     V0 = torch.randn(3, 60, dtype=torch.float64)
     theta, w, info = block_lanczos(lambda X: X @ A.to(dev), V0.to(dev), 30, backend=backend)
@@ -48,11 +46,10 @@ def test_block_resolves_repeated_top_eigenvalue(backend):
     np.testing.assert_allclose(w.sum(1), 1.0, atol=1e-12)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_block_bfloat16_basis_keeps_the_multiplicity(backend):
+def test_block_bfloat16_basis_keeps_the_multiplicity(backend, backend_device):
     """A bfloat16 basis (float32 blocks): the triple top eigenvalue is still found three times, to 1e-3
     relative (2e-4 measured), and the Gauss weights still sum to one."""
-    dev = _device(backend)
+    dev = backend_device
     A, evals = dense_case()
     A32 = A.float().to(dev)
     V0 = torch.randn(3, 60, dtype=torch.float64).float()

@@ -12,24 +12,10 @@ import cases
 MODES = [("reverse", True), ("reverse", False), ("forward", False)]
 
 
-def assert_model_unchanged(model, before):
-    after = snapshot(model)
-    for key in ("params", "buffers", "grads"):
-        assert before[key].keys() == after[key].keys()
-        for name, t in before[key].items():
-            u = after[key][name]
-            if t is None:
-                assert u is None, f"{key}[{name}] was created"
-            else:
-                assert torch.equal(t, u), f"{key}[{name}] changed"
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["training"] == after["training"]
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "bn", "mlp-mse"])
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
-def test_dense_matches_truth_and_model_untouched(name, curvature, bn_mode):
+def test_dense_matches_truth_and_model_untouched(name, curvature, bn_mode, assert_model_unchanged):
     case = cases.ALL[name]()
     truth = cases.dense_hessian(case, bn_mode) if curvature == "hessian" else cases.dense_ggn(case, bn_mode)
     before = snapshot(case.model)

@@ -11,7 +11,7 @@ from hessfast.harness.cli import main
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the harness and the CLI
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(capsys, *argv):

@@ -17,7 +17,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install 'hessfast[test]')")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent("""
     import sys

@@ -1,6 +1,6 @@
 """Streamed squared-HVP accumulation: every backend within twice the reference's error, chunked and merged.
 
-The truth is the chunk's sums in longdouble on the same inputs (see tests/test_kernels.py); each
+The truth is the chunk's sums in longdouble on the same inputs (see tests/truth.py); each
 backend's sum_u, sum_sq and sum_vu may be at most twice as far from it as the same-precision
 reference's (SQHVP_IMPLS["torch"]), plus the floor of ``assert_near_truth``.
 """
@@ -10,7 +10,7 @@ import torch
 
 from hessfast.kernels import SquaredHVPAccumulator
 from hessfast.kernels.sqhvp import SQHVP_IMPLS
-from test_kernels import BACKENDS, _device, assert_near_truth, ld, rel
+from truth import assert_near_truth, ld, rel
 
 
 def sqhvp_truth(U, V, s0):
@@ -32,11 +32,10 @@ def _run(backend, U, V, s0):
     return sums
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("c,b,P", [(1, 1, 37), (7, 3, 1001), (4, 8, 4099), (2, 13, 257), (5, 2, 50)])
-def test_sqhvp_within_twice_the_reference_error(backend, dtype, c, b, P):
-    dev = _device(backend)
+def test_sqhvp_within_twice_the_reference_error(backend, dtype, c, b, P, backend_device):
+    dev = backend_device
     U = torch.randn(c, b, P, dtype=dtype, device=dev)
     V = torch.randn(b, P, dtype=dtype, device=dev)
     s0 = torch.randn(b, P, dtype=dtype, device=dev)      # nonzero starting state
@@ -46,9 +45,8 @@ def test_sqhvp_within_twice_the_reference_error(backend, dtype, c, b, P):
         assert_near_truth(f"{backend} sqhvp {name}", rel(g, t, scale), rel(r, t, scale), dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_accumulator_chunks_and_merge(backend):
-    dev = _device(backend)
+def test_accumulator_chunks_and_merge(backend, backend_device):
+    dev = backend_device
     b, P = 2, 300
     U = torch.randn(10, b, P, dtype=torch.float64, device=dev)
     V = torch.randn(b, P, dtype=torch.float64, device=dev)

@@ -9,7 +9,8 @@ The reference's own error is checked against a loose bound, so that a broken yar
 everything, and the CholeskyQR2 reference against Householder QR (an independent oracle).  Inputs
 are fresh random tensors, outputs are poisoned with NaN before each call, sizes are awkward (P prime
 or just past a tile, b = 1, 2, 3, 5, 8, 13, k = 0, 1, 9, 15, 17 and k = m+1).  Triton runs under
-TRITON_INTERPRET=1 (tests/conftest.py); CUDA cases run only where a GPU is usable.
+TRITON_INTERPRET=1 (tests/conftest.py, which also parametrizes the ``backend`` fixture); CUDA cases run
+only where a GPU is usable. The truth helpers (``ld``, ``rel``, ``assert_near_truth``) are in tests/truth.py.
 """
 import functools
 import math
@@ -18,48 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from hessfast.kernels import dispatch, orthonormalize, reorthogonalize
+from hessfast.kernels import orthonormalize, reorthogonalize
 from hessfast.kernels.orthonormalize import ORTH_IMPLS
 from hessfast.kernels.reference import cgs2_reference, cholqr2_reference, qr_reference
 from hessfast.kernels.reorth import CGS2_IMPLS
 
-LD = np.longdouble  # where longdouble is float64 (e.g. macOS arm64) float64 cases fall to the FLOOR_EPS floor
-
-# Loose bounds on the reference's own relative error: the yardstick must itself be accurate.
-REF_SANE = {torch.float32: 1e-5, torch.float64: 1e-13}
-FLOOR_EPS = 5  # the floor of assert_near_truth, in eps of the inputs' dtype (backends here stay below 3)
-
-
-def _usable(name):
-    info = dispatch.backends()
-    if name == "triton":
-        return info["triton"]["available"] or info["triton"]["cpu_interpreter"]
-    if name == "cuda":  # on a GPU machine a built module that cannot run fails the tests, it is not skipped
-        return info["cuda"]["available"] or (torch.cuda.is_available() and info["cuda"]["compiled"])
-    return info[name]["available"]
-
-
-def _device(name):
-    if name == "cuda" or (name == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(not _usable(n), reason=f"{n} backend not usable here"))
-            for n in ("torch", "cpu", "triton", "cuda")]
-
-
-def ld(t):
-    """A tensor's values as a numpy longdouble array (exact: float32, float64 and bfloat16 embed)."""
-    return t.detach().to("cpu", torch.float64).numpy().astype(LD) if isinstance(t, torch.Tensor) else t
-
-
-def rel(a, b, scale=None):
-    """||a - b|| / scale (default ||b||), in longdouble; a and b tensors or longdouble arrays."""
-    a, b = ld(a), ld(b)
-    d = float(np.sqrt(((a - b) ** 2).sum()))
-    s = float(np.sqrt((b ** 2).sum())) if scale is None else float(scale)
-    return d / max(s, 1e-300)
+from truth import LD, assert_near_truth, ld, rel
 
 
 def cgs2_truth(Q, k, W):
@@ -86,16 +51,6 @@ def qr_truth(W):
         R[i, i] = np.sqrt(X[i] @ X[i])
         X[i] /= R[i, i]
     return X, R
-
-
-def assert_near_truth(what, backend_err, ref_err, dtype):
-    """The flash-attention rule: a backend's relative error against the truth is at most twice the
-    same-precision reference's, plus FLOOR_EPS eps for outputs the reference gets (nearly) exactly."""
-    eps = torch.finfo(dtype).eps
-    assert ref_err <= REF_SANE[dtype], f"{what}: the reference itself is off by {ref_err:.3g}"
-    bound = 2 * ref_err + FLOOR_EPS * eps
-    assert backend_err <= bound, (f"{what}: error {backend_err:.3g} against the truth exceeds 2 x the "
-                                  f"{dtype} reference's {ref_err:.3g} + {FLOOR_EPS} eps = {bound:.3g}")
 
 
 def random_basis(rows, P, dtype, device, pad=0):
@@ -143,33 +98,29 @@ def _block(b, rows, Q, dtype):
         b, rows, dtype=dtype, device=Q.device) @ Q.to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("rows,k,b,P,pad", CGS2_CASES)
-def test_cgs2_within_twice_the_reference_error(backend, dtype, rows, k, b, P, pad):
-    Q = random_basis(rows, P, dtype, _device(backend), pad)
+def test_cgs2_within_twice_the_reference_error(backend, dtype, rows, k, b, P, pad, backend_device):
+    Q = random_basis(rows, P, dtype, backend_device, pad)
     _check_cgs2(backend, Q, k, _block(b, rows, Q, dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows,k,b,P,pad", [CGS2_CASES[i] for i in (0, 1, 2, 3, 4)])
-def test_cgs2_bfloat16_basis_within_twice_the_reference_error(backend, rows, k, b, P, pad):
+def test_cgs2_bfloat16_basis_within_twice_the_reference_error(backend, rows, k, b, P, pad, backend_device):
     """A bfloat16 basis with a float32 block; the truth is float64 on the same bfloat16 values."""
-    Q = random_basis(rows, P, torch.bfloat16, _device(backend), pad)
+    Q = random_basis(rows, P, torch.bfloat16, backend_device, pad)
     _check_cgs2(backend, Q, k, _block(b, rows, Q, torch.float32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reorthogonalize_empty_block(backend):
-    dev = _device(backend)
+def test_reorthogonalize_empty_block(backend, backend_device):
+    dev = backend_device
     Q = random_basis(5, 20, torch.float64, dev)
     W0, c0, n0 = reorthogonalize(Q, 2, torch.empty(0, 20, dtype=torch.float64, device=dev), backend=backend)
     assert W0.shape == (0, 20) and c0.shape == (0, 2) and n0.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reorthogonalize_public_api(backend):
-    dev = _device(backend)
+def test_reorthogonalize_public_api(backend, backend_device):
+    dev = backend_device
     Q = random_basis(10, 333, torch.float64, dev)
     w = torch.randn(333, dtype=torch.float64, device=dev)
     w2, c, n = reorthogonalize(Q, 4, w.clone(), backend=backend)
@@ -198,11 +149,11 @@ def test_reorthogonalize_errors_name_the_tensor():
         reorthogonalize(Q.half(), 2, torch.randn(1, 20))
 
 
-def _graded_lanczos(backend, dtype, P=300, steps=100, basis_dtype=None):
+def _graded_lanczos(backend, dtype, P=300, steps=100, basis_dtype=None, device="cpu"):
     """100 Lanczos steps with full CGS2 reorthogonalisation on diag(10^linspace(0, -12)) (cond 1e12).
     With basis_dtype=bfloat16 the basis is stored rounded and the stored vector is the one multiplied
     (as the Lanczos engine does)."""
-    dev = _device(backend)
+    dev = device
     d = torch.logspace(0, -12, P, dtype=dtype, device=dev)
     Q = torch.zeros(steps + 1, P, dtype=basis_dtype or dtype, device=dev)
     q = torch.ones(P, dtype=dtype, device=dev)
@@ -223,23 +174,21 @@ def _reference_loss(dtype, basis_dtype=None):
     return _orthogonality_loss(_graded_lanczos("torch", dtype, basis_dtype=basis_dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_orthogonality_after_100_steps(backend, dtype, bound):
+def test_orthogonality_after_100_steps(backend, dtype, bound, backend_device):
     """||Q Q^T - I||_2 after 100 steps (the error against exact orthogonality): the reference stays
     below the bound full reorthogonalisation promises, and a backend within twice the reference's."""
     ref = _reference_loss(dtype)
     assert ref <= bound
-    assert_near_truth(f"{backend} Q Q^T - I after 100 steps", _orthogonality_loss(_graded_lanczos(backend, dtype)),
+    assert_near_truth(f"{backend} Q Q^T - I after 100 steps", _orthogonality_loss(_graded_lanczos(backend, dtype, device=backend_device)),
                       ref, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_orthogonality_after_100_steps_bfloat16_basis(backend):
+def test_orthogonality_after_100_steps_bfloat16_basis(backend, backend_device):
     """The optional bfloat16 basis keeps ||Q Q^T - I|| at the bf16 rounding level (4.5e-3 measured
     here; bench/RESULTS.md has larger P): far from float32's 1e-5, still well below the loss of
     orthogonality (O(1)) that makes ghost eigenvalues; no backend does worse than 2x the reference."""
-    Q = _graded_lanczos(backend, torch.float32, basis_dtype=torch.bfloat16)
+    Q = _graded_lanczos(backend, torch.float32, basis_dtype=torch.bfloat16, device=backend_device)
     assert Q.dtype == torch.bfloat16
     err, ref = _orthogonality_loss(Q), _reference_loss(torch.float32, torch.bfloat16)
     assert 1e-5 < err <= 1e-2 and err <= 2 * ref
@@ -256,13 +205,12 @@ def _graded_block(b, P, cond, dtype, device):
     return ((U * s) @ V.T).to(dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("b,P,cond", ORTH_CASES)
-def test_orthonormalize_within_twice_the_reference_error(backend, dtype, b, P, cond):
+def test_orthonormalize_within_twice_the_reference_error(backend, dtype, b, P, cond, backend_device):
     """Qb, R and Qb's loss of orthogonality against longdouble truth, each at most 2x the
     same-precision cholqr2_reference's error; the truth agrees with Householder QR in float64."""
-    W = _graded_block(b, P, cond, dtype, _device(backend))
+    W = _graded_block(b, P, cond, dtype, backend_device)
     Q_true, R_true = qr_truth(W)
     assert rel(qr_reference(W.double())[1], R_true) < 1e-14 * cond
     Q_ref, R_ref, ref_method = cholqr2_reference(W)
@@ -290,9 +238,8 @@ def test_cholqr2_reference_matches_householder(dtype):
     assert float((Qb.double() @ Qb.double().T - torch.eye(6, dtype=torch.float64)).abs().max()) < 100 * eps
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_orthonormalize_falls_back_to_mgs(backend):
-    dev = _device(backend)
+def test_orthonormalize_falls_back_to_mgs(backend, backend_device):
+    dev = backend_device
     W = torch.randn(4, 500, dtype=torch.float64)
     W[2] = W[0] - 2 * W[1] + 1e-9 * torch.randn(500, dtype=torch.float64)   # cond ~ 1e9 > (100 eps)^-1/2
     W[3] = 0.0                                                             # rank deficient

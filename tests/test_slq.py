@@ -8,7 +8,6 @@ from hessfast.utils.model_state import snapshot
 from hessfast.engine import lanczos_decomposition, probe_vectors
 
 import cases
-from test_operators import assert_model_unchanged
 
 
 def _truth(case, curvature, bn_mode="eval"):
@@ -135,7 +134,7 @@ def test_reorth_none_shows_ghosts_full_does_not():
     assert np.sum(np.abs(clean - 100.0) < 1e-6) == 1
 
 
-def test_probes_seed_reproducible_and_model_untouched():
+def test_probes_seed_reproducible_and_model_untouched(assert_model_unchanged):
     case = cases.bn_case()
     before = snapshot(case.model)
     for bn_mode in ("eval", "train"):
