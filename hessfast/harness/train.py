@@ -142,7 +142,6 @@ def train(cfg: TrainConfig, run: Run, data: Optional[DataBundle] = None, *,
                         **cfg.model_kwargs).to(device)
     optimizer = make_optimizer(cfg, model)
     tuner = make_tuner(model, optimizer) if make_tuner is not None else None
-    swa = None
     swa_epoch = None if cfg.swa_start is None else int(math.floor(cfg.swa_start * cfg.epochs))
     loader = BatchLoader(data.train_x, data.train_y, cfg.batch_size, shuffle=True, seed=cfg.seed,
                          augment=data.augment if cfg.augment else None)
@@ -150,28 +149,15 @@ def train(cfg: TrainConfig, run: Run, data: Optional[DataBundle] = None, *,
     ctx = TrainContext(cfg, data, model, optimizer, run, device, tuner)
 
     ckpt = run.load_checkpoint()
-    start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        if "cuda_rng" in ckpt and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
-        if tuner is not None and "tuner" in ckpt:
-            tuner.load_state_dict(ckpt["tuner"])
-        if "swa" in ckpt:
-            swa = torch.optim.swa_utils.AveragedModel(model)
-            swa.load_state_dict(ckpt["swa"])
-        start = int(ckpt["epoch"])
+        start, swa = _restore(ckpt, model, optimizer, tuner, device)
         run.truncate_after(start)
     else:
+        start, swa = 0, None
         run.truncate_after(-1)
         run.log(kind="meta", epoch=0, P=num_parameters(model), N=data.n_train, n_val=int(data.val_x.shape[0]))
         _log_epoch(run, 0, model, data, cfg, device, lr=cfg.lr)
-        if callback is not None:
-            extra = callback(0, ctx)
-            if extra:
-                run.log(kind="callback", epoch=0, **extra)
+        _log_callback(run, callback, 0, ctx)
     run.set_status("running", epoch=start)
 
     steps_per_epoch = len(loader)
@@ -180,67 +166,101 @@ def train(cfg: TrainConfig, run: Run, data: Optional[DataBundle] = None, *,
                desc=f"train {run.path.name}", unit="step")
     try:
         for epoch in range(start, cfg.epochs):
-            loader.set_epoch(epoch)
-            model.train()
-            running, seen = 0.0, 0
-            for i, (xb, yb) in enumerate(loader):
-                if on_step is not None:
-                    on_step(epoch, i)
-                xb, yb = xb.to(device), yb.to(device)
-                t = epoch + i / steps_per_epoch
-                if tuner is not None:
-                    tuner.maybe_update((xb, yb))
-                elif swa_epoch is not None and epoch >= swa_epoch and cfg.swa_lr is not None:
-                    _set_lr(optimizer, cfg.swa_lr)
-                else:
-                    _set_lr(optimizer, lr_at(cfg.schedule, t, cfg.epochs, cfg.lr, cfg.final_ratio))
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(xb), yb)
-                lv = loss.item()
-                if not math.isfinite(lv) or (cfg.diverge_loss is not None and lv > cfg.diverge_loss):
-                    reason = "non-finite loss" if not math.isfinite(lv) else f"loss {lv:.3g} > {cfg.diverge_loss}"
-                    run.log(kind="diverged", epoch=epoch + 1, step=epoch * steps_per_epoch + i, loss=lv,
-                            reason=reason, lr=optimizer.param_groups[0]["lr"])
-                    run.set_status("diverged", epoch=epoch + 1, reason=reason)
-                    bar.close()
-                    return _final_record(run)
-                loss.backward()
-                optimizer.step()
-                running += lv * yb.shape[0]
-                seen += yb.shape[0]
-                if tuner is not None and hasattr(tuner, "after_step"):
-                    tuner.after_step()
-                bar.update(1)
-                if i % 10 == 0:
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.3f}")
+            running, seen, diverged = _train_epoch(ctx, loader, epoch, swa_epoch, loss_fn, bar, on_step)
+            if diverged:
+                return _final_record(run)
             if swa_epoch is not None and epoch + 1 > swa_epoch:
                 if swa is None:
                     swa = torch.optim.swa_utils.AveragedModel(model)
                 swa.update_parameters(model)
             _log_epoch(run, epoch + 1, model, data, cfg, device, lr=optimizer.param_groups[0]["lr"],
-                             running_loss=running / max(1, seen), swa=swa, loader=loader)
+                       running_loss=running / max(1, seen), swa=swa, loader=loader)
             if tuner is not None and hasattr(tuner, "last"):
                 rec_t = tuner.last()
                 if rec_t:
                     run.log(kind="tuner", epoch=epoch + 1, **rec_t)
-            if callback is not None:
-                extra = callback(epoch + 1, ctx)
-                if extra:
-                    run.log(kind="callback", epoch=epoch + 1, **extra)
-            state = {"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            if swa is not None:
-                state["swa"] = swa.state_dict()
-            if tuner is not None:
-                state["tuner"] = tuner.state_dict()
-            run.save_checkpoint(state)
+            _log_callback(run, callback, epoch + 1, ctx)
+            run.save_checkpoint(_checkpoint_state(epoch + 1, model, optimizer, device, swa, tuner))
             run.set_status("running", epoch=epoch + 1)
     finally:
         bar.close()
     run.set_status("finished", epoch=cfg.epochs)
     return _final_record(run)
+
+
+def _restore(ckpt: dict, model: nn.Module, optimizer, tuner, device) -> tuple:
+    """Load a checkpoint into the model, optimizer, RNGs and tuner; returns ``(epoch, swa model or None)``."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    if "cuda_rng" in ckpt and device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["cuda_rng"], device)
+    if tuner is not None and "tuner" in ckpt:
+        tuner.load_state_dict(ckpt["tuner"])
+    swa = None
+    if "swa" in ckpt:
+        swa = torch.optim.swa_utils.AveragedModel(model)
+        swa.load_state_dict(ckpt["swa"])
+    return int(ckpt["epoch"]), swa
+
+
+def _checkpoint_state(epoch: int, model: nn.Module, optimizer, device, swa, tuner) -> dict:
+    """Everything :func:`_restore` needs to resume after ``epoch`` (tensors and plain containers only)."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    if swa is not None:
+        state["swa"] = swa.state_dict()
+    if tuner is not None:
+        state["tuner"] = tuner.state_dict()
+    return state
+
+
+def _log_callback(run: Run, callback, epoch: int, ctx: TrainContext) -> None:
+    if callback is not None:
+        extra = callback(epoch, ctx)
+        if extra:
+            run.log(kind="callback", epoch=epoch, **extra)
+
+
+def _train_epoch(ctx: TrainContext, loader, epoch: int, swa_epoch, loss_fn, bar, on_step) -> tuple:
+    """One epoch of steps; returns ``(summed loss, samples seen, diverged)``. A diverged step is logged."""
+    cfg, model, optimizer, run, device, tuner = ctx.cfg, ctx.model, ctx.optimizer, ctx.run, ctx.device, ctx.tuner
+    steps_per_epoch = len(loader)
+    loader.set_epoch(epoch)
+    model.train()
+    running, seen = 0.0, 0
+    for i, (xb, yb) in enumerate(loader):
+        if on_step is not None:
+            on_step(epoch, i)
+        xb, yb = xb.to(device), yb.to(device)
+        t = epoch + i / steps_per_epoch
+        if tuner is not None:
+            tuner.maybe_update((xb, yb))
+        elif swa_epoch is not None and epoch >= swa_epoch and cfg.swa_lr is not None:
+            _set_lr(optimizer, cfg.swa_lr)
+        else:
+            _set_lr(optimizer, lr_at(cfg.schedule, t, cfg.epochs, cfg.lr, cfg.final_ratio))
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        lv = loss.item()
+        if not math.isfinite(lv) or (cfg.diverge_loss is not None and lv > cfg.diverge_loss):
+            reason = "non-finite loss" if not math.isfinite(lv) else f"loss {lv:.3g} > {cfg.diverge_loss}"
+            run.log(kind="diverged", epoch=epoch + 1, step=epoch * steps_per_epoch + i, loss=lv,
+                    reason=reason, lr=optimizer.param_groups[0]["lr"])
+            run.set_status("diverged", epoch=epoch + 1, reason=reason)
+            return running, seen, True
+        loss.backward()
+        optimizer.step()
+        running += lv * yb.shape[0]
+        seen += yb.shape[0]
+        if tuner is not None and hasattr(tuner, "after_step"):
+            tuner.after_step()
+        bar.update(1)
+        if i % 10 == 0:
+            bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.3f}")
+    return running, seen, False
 
 
 def _log_epoch(run: Run, epoch: int, model: nn.Module, data: DataBundle, cfg: TrainConfig,
