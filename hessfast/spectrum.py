@@ -10,12 +10,13 @@ spectral density (1/P) sum_j delta(lambda - lambda_j).
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
+
+from .utils.serialization import JSONFile
 
 FORMAT = "hessfast.Spectrum/1"
 
@@ -43,7 +44,7 @@ class SpectralEstimate(NamedTuple):
         return f"{self.estimate:.6g} +- {self.stderr:.2g}"
 
 
-class Spectrum:
+class Spectrum(JSONFile):
     """Ritz values and quadrature weights of ``num_probes`` Lanczos runs.
 
     Attributes:
@@ -286,15 +287,6 @@ class Spectrum:
         ritz = np.array([[np.nan if x is None else x for x in row] for row in d["ritz_values"]], dtype=np.float64)
         return cls(ritz, d["weights"], d.get("meta"))
 
-    def save(self, path) -> None:
-        """Write the spectrum as JSON."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-
-    @classmethod
-    def load(cls, path) -> "Spectrum":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def plot(self, path=None, ax=None, sigma: Optional[float] = None, title: Optional[str] = None):
         """Spectral density with a log-scale y axis, like the paper's figures; saved to ``path`` (PNG)."""

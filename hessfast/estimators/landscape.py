@@ -13,7 +13,6 @@ scales) are set to zero, as in the paper's plots.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -26,14 +25,14 @@ from torch.func import functional_call
 from ..losses import as_loss
 from ..utils import data as data_utils
 from ..utils.model_state import check_bn_mode, curvature_mode, model_device, trainable_parameters
-from ..utils.serialization import jsonable
+from ..utils.serialization import JSONFile, jsonable
 
 FORMAT = "hessfast.LossLandscape/1"
 NORMALIZE = (None, "filter")
 
 
 @dataclass
-class LossLandscape:
+class LossLandscape(JSONFile):
     """Mean losses on a grid of ``w + a d1`` (1-D) or ``w + a d1 + b d2`` (2-D).
 
     Attributes:
@@ -65,15 +64,6 @@ class LossLandscape:
         arr = lambda x: None if x is None else np.array(x, dtype=np.float64)  # noqa: E731 -- None -> NaN
         return cls(arr(d["alphas"]), arr(d["betas"]), arr(d["losses"]), float(d["center"]), d.get("meta", {}))
 
-    def save(self, path) -> None:
-        """Write the grid as JSON (non-finite losses as null)."""
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-
-    @classmethod
-    def load(cls, path) -> "LossLandscape":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
 
     def plot(self, path=None, ax=None, title: Optional[str] = None):
         """A line (1-D) or filled contours with the centre marked (2-D); saved to ``path`` (PNG)."""

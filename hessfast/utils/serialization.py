@@ -6,6 +6,7 @@ numbers; anything else that JSON cannot hold is written as its ``str``.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -30,3 +31,21 @@ def jsonable(x: Any) -> Any:
         return x
     return str(x)
 
+
+
+class JSONFile:
+    """``save(path)`` / ``load(path)`` for a result type with ``to_dict()`` and, to be read back, ``from_dict``.
+
+    The file is the JSON of :func:`jsonable` ``(self.to_dict())``: plain data that needs no pickle to read.
+    """
+
+    def save(self, path) -> None:
+        """Write ``to_dict()`` as JSON (non-finite floats as null)."""
+        with open(path, "w") as f:
+            json.dump(jsonable(self.to_dict()), f, indent=1)
+
+    @classmethod
+    def load(cls, path):
+        """Read a file written by :meth:`save` (``from_dict`` checks its format)."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
