@@ -150,7 +150,7 @@ def test_reorthogonalize_errors_name_the_tensor():
 
 
 def _graded_lanczos(backend, dtype, P=300, steps=100, basis_dtype=None, device="cpu"):
-    """100 Lanczos steps with full CGS2 reorthogonalisation on diag(10^linspace(0, -12)) (cond 1e12).
+    """``steps`` Lanczos steps with full CGS2 reorthogonalisation on diag(10^linspace(0, -12)) (cond 1e12).
     With basis_dtype=bfloat16 the basis is stored rounded and the stored vector is the one multiplied
     (as the Lanczos engine does)."""
     dev = device
@@ -170,27 +170,35 @@ def _orthogonality_loss(Q):
 
 
 @functools.lru_cache(maxsize=None)
-def _reference_loss(dtype, basis_dtype=None):
-    return _orthogonality_loss(_graded_lanczos("torch", dtype, basis_dtype=basis_dtype))
+def _reference_loss(dtype, basis_dtype=None, steps=100):
+    return _orthogonality_loss(_graded_lanczos("torch", dtype, basis_dtype=basis_dtype, steps=steps))
+
+
+def _steps(backend, device):
+    """100 steps; 30 for Triton in its CPU interpreter (0.4 s a call there: the same code paths, and the
+    reference is run for the same number of steps). On a GPU Triton runs the full 100."""
+    return 30 if backend == "triton" and device == "cpu" else 100
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 def test_orthogonality_after_100_steps(backend, dtype, bound, backend_device):
     """||Q Q^T - I||_2 after 100 steps (the error against exact orthogonality): the reference stays
     below the bound full reorthogonalisation promises, and a backend within twice the reference's."""
-    ref = _reference_loss(dtype)
+    steps = _steps(backend, backend_device)
+    ref = _reference_loss(dtype, steps=steps)
     assert ref <= bound
-    assert_near_truth(f"{backend} Q Q^T - I after 100 steps", _orthogonality_loss(_graded_lanczos(backend, dtype, device=backend_device)),
-                      ref, dtype)
+    Q = _graded_lanczos(backend, dtype, steps=steps, device=backend_device)
+    assert_near_truth(f"{backend} Q Q^T - I after {steps} steps", _orthogonality_loss(Q), ref, dtype)
 
 
 def test_orthogonality_after_100_steps_bfloat16_basis(backend, backend_device):
     """The optional bfloat16 basis keeps ||Q Q^T - I|| at the bf16 rounding level (4.5e-3 measured
     here; bench/RESULTS.md has larger P): far from float32's 1e-5, still well below the loss of
     orthogonality (O(1)) that makes ghost eigenvalues; no backend does worse than 2x the reference."""
-    Q = _graded_lanczos(backend, torch.float32, basis_dtype=torch.bfloat16, device=backend_device)
+    steps = _steps(backend, backend_device)
+    Q = _graded_lanczos(backend, torch.float32, basis_dtype=torch.bfloat16, steps=steps, device=backend_device)
     assert Q.dtype == torch.bfloat16
-    err, ref = _orthogonality_loss(Q), _reference_loss(torch.float32, torch.bfloat16)
+    err, ref = _orthogonality_loss(Q), _reference_loss(torch.float32, torch.bfloat16, steps)
     assert 1e-5 < err <= 1e-2 and err <= 2 * ref
 
 
