@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import Recorder, timeit  # noqa: E402
 
 from hessfast.kernels import backends  # noqa: E402
-from hessfast.kernels.orthonormalize import ORTH_IMPLS  # noqa: E402
+from hessfast.kernels.orthonormalization import ORTH_IMPLS  # noqa: E402
 from hessfast.kernels.reorth import CGS2_IMPLS  # noqa: E402
 from hessfast.kernels.sqhvp import SQHVP_IMPLS  # noqa: E402
 

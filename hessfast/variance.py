@@ -276,6 +276,10 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
     # the model function holds no process group: the collectives below go through ctx
     fn = ModelFunction(model, data, loss_fn=loss_fn, bn_mode="eval" if bn_mode == "train" else bn_mode, dtype=dtype)
     curv = operator_class(curvature)
+    if not curv.has_functional_product():
+        raise ValueError(f"curvature={curvature!r} has no per-sample product C_i v, which the Hessian variance needs "
+                         "(the Monte-Carlo Fisher's drawn targets belong to its operator). Use curvature='ggn' (the "
+                         "exact Fisher of cross-entropy and MSE) or 'empirical_fisher'.")
     V = unit_probes(fn.P, num_probes, probes, seed if ctx is None else ctx.common_seed(seed), fn.dtype, fn.device)
     R = V.shape[0]
     plan = _Route(fn, curv, route)

@@ -143,3 +143,20 @@ def test_no_private_name_crosses_a_package_boundary():
 def test_files_stay_short(module):
     n = len(MODULES[module].read_text().splitlines())
     assert n <= MAX_LINES, f"{MODULES[module]} has {n} lines; split it (about 500 at most)"
+
+
+def test_no_package_exports_a_name_that_is_also_one_of_its_modules():
+    """``from .trace import trace`` in a package's __init__ would make ``pkg.trace`` the function or the
+    module depending on import order (the trap of a public function named like its module)."""
+    bad = []
+    for module, path in MODULES.items():
+        if path.name != "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                for a in node.names:
+                    name = a.asname or a.name
+                    sub = f"{module}.{name}"
+                    if sub in MODULES and not (node.level == 1 and node.module is None):
+                        bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} exports {name!r}, also a module")
+    assert not bad, "names that shadow a module:\n" + "\n".join(bad)

@@ -273,7 +273,7 @@ def test_result_is_json_and_readable():
     (dict(probes=torch.zeros(1, 75)), ValueError, "zero"),
     (dict(max_samples=0), ValueError, "max_samples"),
     (dict(chunk_size=0), ValueError, "chunk_size"),
-    (dict(curvature="fisher"), ValueError, "unknown curvature"),
+    (dict(curvature="kfac"), ValueError, "unknown curvature"),
 ])
 def test_input_checks(kwargs, err, match):
     case = cases.mlp_case()

@@ -5,6 +5,9 @@
     hessfast variance --model mlp --data digits
     hessfast predict  --model mlp --data digits --batch-sizes 16,32,64,128,256
     hessfast advice   --model mlp --data digits --train-epochs 5 --optimizer sgd
+    hessfast eigenpairs --model mlp --data digits --k 10 --which LA
+    hessfast trace --model mlp --data digits --method hutch++ --num-matvecs 99
+    hessfast blocks --model mlp --data digits --blocks module --m 50
     hessfast run track --scale tiny       # a paper experiment (see `hessfast run --list`)
 
 Models and data are chosen by registered name or by ``package.module:function`` for your own.
@@ -16,132 +19,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as ``hessfast <command>: error: <message>``, exit status 2."""
-
-
-# --------------------------------------------------------------------------------------------------
-# argument helpers
-
-
-def _kv(items: Optional[List[str]], what: str) -> Dict[str, Any]:
-    """``KEY=VALUE`` pairs; VALUE is parsed as JSON when it can be (numbers, lists, true/false)."""
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CLIError(f"{what} {item!r} is not KEY=VALUE (e.g. {what} hidden=[64,64]).")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def _int_list(text: str) -> List[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 16,32,64, got {text!r}") from None
-    if not vals or any(v < 1 for v in vals):
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return vals
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
-
-
-def _add_model_data(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default="mlp",
-                   help="registered model (mlp, vgg16, vgg16_bn, preresnet110, wrn28x10, small_cnn) or "
-                        "'module:function' returning an nn.Module (given num_classes=, in_shape= if it takes them)")
-    g.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
-                   help="keyword for the model factory, e.g. hidden=[64,64] (repeatable)")
-    g.add_argument("--data", default="digits",
-                   help="registered data set (digits, gmm, cifar10, cifar100, imagenet32) or 'module:function' "
-                        "returning a hessfast.harness.data.DataBundle or (x, y) tensors")
-    g.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
-                   help="keyword for the data factory, e.g. root=/data (repeatable)")
-    g.add_argument("--download", action="store_true", help="download CIFAR into the data folder if it is missing")
-    g.add_argument("--checkpoint", metavar="FILE",
-                   help="weights to load: a state_dict .pt or a hessfast run's checkpoint.pt (weights_only=True)")
-    g.add_argument("--train-epochs", type=int, default=0, metavar="E",
-                   help="first train the model for E epochs (SGD lr 0.05, momentum 0.9, batch 64); default 0")
-    g.add_argument("--max-samples", type=_positive_int, default=None, metavar="N",
-                   help="use only the first N training samples")
-    g.add_argument("--seed", type=int, default=0, help="seed for initialisation, probes and batches (default 0)")
-    g.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
-
-
-def _add_measure(p: argparse.ArgumentParser) -> None:
-    """Options of the random-batch measurement (``predict`` and ``advice``)."""
-    p.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    p.add_argument("--batch-sizes", type=_int_list, default=[16, 32, 64, 128, 256], metavar="B1,B2,...")
-    p.add_argument("--target-rel-se", type=float, default=0.1,
-                   help="draw batches until the mean batch lambda_1 has this relative standard error (default 0.1)")
-    p.add_argument("--max-batches", type=_positive_int, default=50,
-                   help="cap on random batches per batch size (default 50): the reproducible stop")
-    p.add_argument("--max-seconds", type=float, default=None,
-                   help="optional wall-clock cap per batch size; rows it cut are marked (counts then depend on speed)")
-
-
-def _load_model_data(args) -> tuple:
-    import torch
-
-    from .data import load_data
-    from .models import build_model
-
-    data_kwargs = _kv(args.data_arg, "--data-arg")
-    if args.download:
-        data_kwargs["download"] = True
-    data = load_data(args.data, **data_kwargs)
-    model = build_model(args.model, num_classes=data.num_classes, in_shape=data.in_shape, seed=args.seed,
-                        **_kv(args.model_arg, "--model-arg"))
-    if args.checkpoint:
-        f = Path(args.checkpoint)
-        if not f.is_file():
-            raise CLIError(f"--checkpoint {f} does not exist.")
-        state = torch.load(f, map_location="cpu", weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CLIError(f"--checkpoint {f} does not fit model {args.model!r}: {str(e).splitlines()[0]}") from None
-    if args.train_epochs > 0:
-        from .runs import Run
-        from .train import TrainConfig, load_trained_model, train
-
-        cfg = TrainConfig(model=args.model, model_kwargs=_kv(args.model_arg, "--model-arg"), data=args.data,
-                          data_kwargs=data_kwargs, lr=0.05, momentum=0.9, batch_size=64, epochs=args.train_epochs,
-                          schedule="constant", seed=args.seed)
-        r = Run(Path(args.out) / "train", cfg.to_dict(), overwrite=True)
-        res = train(cfg, r, data, progress=not args.quiet)
-        if res["status"] != "finished":
-            raise CLIError(f"training diverged: {res.get('diverged_at')}")
-        model = load_trained_model(r, cfg, data)
-    if args.max_samples:
-        data.train_x, data.train_y = data.train_x[: args.max_samples], data.train_y[: args.max_samples]
-    return model, data
-
-
-def _out(args) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+from .cli_args import (EXIT_USAGE, CLIError, add_measure, add_model_data, check_sizes, int_list, kv,
+                       load_model_data, measure_kwargs, out_dir, positive_int, write_result)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,7 +51,7 @@ def cmd_spectrum(args) -> int:
         raise CLIError("--train-epochs cannot be combined with torchrun (each rank would train its own copy); "
                        "train first, then pass --checkpoint.")
     try:
-        model, data = _load_model_data(args)
+        model, data = load_model_data(args)
         device = hdist.local_device() if ctx is not None else torch.device("cpu")
         model = model.to(device)
         if args.batch_size:
@@ -185,9 +66,9 @@ def cmd_spectrum(args) -> int:
                                 seed=args.seed, bn_mode=args.bn_mode, dtype=torch.float64 if args.float64 else None,
                                 basis_dtype=torch.bfloat16 if args.bf16_basis else None, progress=not args.quiet)
         if hdist.is_main():
-            out = _out(args)
+            out = out_dir(args)
             stem = out / f"spectrum_{args.curvature}_{tag}"
-            _write_result(spec, stem)
+            write_result(spec, stem)
     finally:
         if ctx is not None and dist.is_initialized():
             dist.destroy_process_group()
@@ -199,10 +80,10 @@ def cmd_variance(args) -> int:
 
     from .measure import full_loader
 
-    model, data = _load_model_data(args)
+    model, data = load_model_data(args)
     res = hessian_variance(model, full_loader(data), curvature=args.curvature, num_probes=args.probes,
                            seed=args.seed, max_samples=args.variance_samples, progress=not args.quiet)
-    out = _out(args)
+    out = out_dir(args)
     f = out / f"variance_{args.curvature}.json"
     f.write_text(json.dumps(res.to_dict(), indent=2) + "\n")
     print(res)
@@ -210,39 +91,19 @@ def cmd_variance(args) -> int:
     return 0
 
 
-def _check_sizes(args, data) -> None:
-    too_big = [b for b in args.batch_sizes if b > data.n_train]
-    if too_big:
-        raise CLIError(f"--batch-sizes {too_big} exceed the {data.n_train} training samples.")
-
-
-def _measure_kwargs(args) -> Dict[str, Any]:
-    """The random-batch measurement options shared by ``predict`` and ``advice``."""
-    return dict(curvature=args.curvature, target_rel_se=args.target_rel_se, max_batches=args.max_batches,
-                max_seconds=args.max_seconds, seed=args.seed, progress=not args.quiet)
-
-
-def _write_result(result, stem) -> None:
-    """Save ``result`` (a Spectrum, Prediction or LRAdvice) as ``stem``.json and .png and print it."""
-    result.save(f"{stem}.json")
-    result.plot(f"{stem}.png")
-    print(result)
-    print(f"wrote {stem}.json and {stem}.png")
-
-
 def cmd_predict(args) -> int:
     from hessfast import predict
 
     from .data import BatchLoader
 
-    model, data = _load_model_data(args)
-    _check_sizes(args, data)
+    model, data = load_model_data(args)
+    check_sizes(args, data)
     loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
     table = predict(model, loader, batch_sizes=args.batch_sizes, num_batches=args.num_batches,
                     reference_batch=args.reference_batch, lr_sgd=args.lr_sgd, lr_adam=args.lr_adam,
-                    **_measure_kwargs(args))
-    stem = _out(args) / f"predict_{args.curvature}"
-    _write_result(table, stem)
+                    **measure_kwargs(args))
+    stem = out_dir(args) / f"predict_{args.curvature}"
+    write_result(table, stem)
     return 0
 
 
@@ -260,14 +121,58 @@ def cmd_advice(args) -> int:
             reference = (int(B0), float(lr0))
         except ValueError:
             raise CLIError(f"--reference takes B0,LR (e.g. 128,0.05), got {args.reference!r}.") from None
-    model, data = _load_model_data(args)
-    _check_sizes(args, data)
+    model, data = load_model_data(args)
+    check_sizes(args, data)
     loader = BatchLoader(data.train_x, data.train_y, 256, shuffle=False)
     advice = lr_advice(model, loader, args.batch_sizes, optimizer=args.optimizer, momentum=args.momentum,
                        reference=reference, safety=args.safety, predict_at=args.predict_at or (),
-                       **_measure_kwargs(args))
-    stem = _out(args) / f"advice_{args.optimizer}_{args.curvature}"
-    _write_result(advice, stem)
+                       **measure_kwargs(args))
+    stem = out_dir(args) / f"advice_{args.optimizer}_{args.curvature}"
+    write_result(advice, stem)
+    return 0
+
+
+def _estimator_operator(args):
+    """The full-data curvature operator of the estimator commands (eigenpairs, trace, blocks)."""
+    import torch
+
+    from hessfast import CurvatureOperator
+
+    from .measure import full_loader
+
+    model, data = load_model_data(args)
+    return CurvatureOperator(model, full_loader(data), curvature=args.curvature,
+                             dtype=torch.float64 if args.float64 else None)
+
+
+def cmd_eigenpairs(args) -> int:
+    from hessfast import eigenpairs
+
+    top = eigenpairs(_estimator_operator(args), k=args.k, which=args.which, tol=args.tol,
+                     max_subspace=args.max_subspace, block_size=args.block_size, seed=args.seed)
+    write_result(top, out_dir(args) / f"eigenpairs_{args.curvature}_{args.which}")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    """The estimate as JSON, and a PNG of its averaged terms with the estimate and +-2 standard errors."""
+    from hessfast import trace
+
+    tr = trace(_estimator_operator(args), num_matvecs=args.num_matvecs, method=args.method, seed=args.seed)
+    write_result(tr, out_dir(args) / f"trace_{args.curvature}_{tr.method}")
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from hessfast import block_spectra
+
+    try:
+        blocks = args.blocks if args.blocks in ("module", "parameter") else json.loads(args.blocks)
+    except json.JSONDecodeError:
+        raise CLIError(f"--blocks takes module, parameter or a JSON object like '{{\"first\": [\"0\"]}}', "
+                       f"got {args.blocks!r}.") from None
+    res = block_spectra(_estimator_operator(args), m=args.m, blocks=blocks, num_probes=args.probes, seed=args.seed)
+    write_result(res, out_dir(args) / f"blocks_{args.curvature}")
     return 0
 
 
@@ -283,7 +188,7 @@ def cmd_run(args) -> int:
     if args.recipe.replace("_", "-") not in recipes.RECIPES:
         raise CLIError(f"unknown recipe {args.recipe!r}; choose one of: {', '.join(recipes.RECIPES)}.")
     res = recipes.run_recipe(args.recipe, args.out, args.scale, seed=args.seed, progress=not args.quiet,
-                             overwrite=args.overwrite, device=args.device, overrides=_kv(args.set, "--set"))
+                             overwrite=args.overwrite, device=args.device, overrides=kv(args.set, "--set"))
     folder = Path(res["folder"])
     print((folder / "summary.md").read_text())
     print(f"results in {folder}")
@@ -309,11 +214,11 @@ def _add_predict_and_advice(sub) -> None:
                                     "target standard error, the fitted batch-size law (outlier 1/b, bulk 1/sqrt(b)) "
                                     "with intervals, Theorem 4/7 predictions with verdicts, and learning rates "
                                     "grounded in the measurement.")
-    _add_model_data(pr)
-    _add_measure(pr)
-    pr.add_argument("--num-batches", type=_positive_int, default=None,
+    add_model_data(pr)
+    add_measure(pr)
+    pr.add_argument("--num-batches", type=positive_int, default=None,
                     help="exactly this many random batches per batch size (default: adaptive, see --target-rel-se)")
-    pr.add_argument("--reference-batch", type=_positive_int, default=None, metavar="B0",
+    pr.add_argument("--reference-batch", type=positive_int, default=None, metavar="B0",
                     help="batch size the learning rates are scaled from (default: the smallest of --batch-sizes)")
     pr.add_argument("--lr-sgd", type=float, default=None,
                     help="SGD learning rate known to work at B0 (default: factors)")
@@ -326,17 +231,55 @@ def _add_predict_and_advice(sub) -> None:
                                     "above 2/measured batch lambda_1 (or a reference rate scaled by the curvature); "
                                     "Adam: the square-root rule from --reference, capped by the curvature. "
                                     "See docs/advice.md.")
-    _add_model_data(ad)
-    _add_measure(ad)
+    add_model_data(ad)
+    add_measure(ad)
     ad.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     ad.add_argument("--momentum", type=float, default=0.9, help="SGD heavy-ball momentum (default 0.9)")
     ad.add_argument("--safety", type=float, default=0.5,
                     help="fraction of the SGD stability limit to advise (default 0.5)")
     ad.add_argument("--reference", default=None, metavar="B0,LR",
                     help="a learning rate known to work at batch size B0, e.g. 128,0.05 (needed for Adam rates)")
-    ad.add_argument("--predict-at", type=_int_list, default=None, metavar="B1,B2,...",
+    ad.add_argument("--predict-at", type=int_list, default=None, metavar="B1,B2,...",
                     help="further batch sizes to advise at from the fit alone")
     ad.set_defaults(func=cmd_advice)
+
+
+def _add_estimators(sub) -> None:
+    """The ``eigenpairs``, ``trace`` and ``blocks`` subcommands (full-data curvature operator)."""
+    from hessfast.operators import curvatures
+
+    specs = [
+        ("eigenpairs", cmd_eigenpairs, "top-k eigenvalues and eigenvectors (thick-restart Lanczos)",
+         "The k extreme eigenpairs of the full-data Hessian (or other curvature) by thick-restart Lanczos with "
+         "full reorthogonalisation; writes JSON, the vectors (.vectors.pt) and a PNG."),
+        ("trace", cmd_trace, "trace estimate (Hutchinson, Hutch++, XTrace) with its standard error",
+         "Stochastic estimate of tr(H) with its standard error; writes JSON and a PNG."),
+        ("blocks", cmd_blocks, "spectra of the diagonal blocks (per module, parameter or group)",
+         "Lanczos spectrum of every diagonal block H_bb in one call; prints a table of lambda_max, lambda_min "
+         "and trace per block and writes JSON and a PNG with one density per block."),
+    ]
+    parsers = {}
+    for name, func, short, long in specs:
+        p = parsers[name] = sub.add_parser(name, help=short, description=long)
+        add_model_data(p)
+        p.add_argument("--curvature", choices=list(curvatures()), default="hessian")
+        p.add_argument("--float64", action="store_true", help="compute in float64")
+        p.set_defaults(func=func)
+    e = parsers["eigenpairs"]
+    e.add_argument("--k", type=positive_int, default=10, help="eigenpairs wanted (default 10)")
+    e.add_argument("--which", choices=["LA", "SA", "LM", "BE"], default="LA",
+                   help="largest, smallest (most negative), largest magnitude, both ends (default LA)")
+    e.add_argument("--tol", type=float, default=None, help="relative residual (default 1e-5; 1e-10 with --float64)")
+    e.add_argument("--max-subspace", type=positive_int, default=None, help="basis rows at most (default 2k+1, >=20)")
+    e.add_argument("--block-size", type=positive_int, default=1, help="block size (>= multiplicity of repeats)")
+    t = parsers["trace"]
+    t.add_argument("--method", choices=["hutch++", "xtrace", "hutchinson"], default="hutch++")
+    t.add_argument("--num-matvecs", type=positive_int, default=99, help="products with H (default 99)")
+    b = parsers["blocks"]
+    b.add_argument("--blocks", default="module",
+                   help="module (default), parameter, or a JSON object {name: [parameter or module names]}")
+    b.add_argument("--steps", "--m", dest="m", type=positive_int, default=50, help="Lanczos steps per block")
+    b.add_argument("--probes", type=positive_int, default=1, help="random probe vectors per block (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,13 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("spectrum", help="Lanczos spectrum of the Hessian or GGN (full data or one batch)",
                        description="Spectral density of the Hessian or GGN of a model by stochastic Lanczos "
                                    "quadrature; writes spectrum JSON and a PNG.")
-    _add_model_data(s)
+    add_model_data(s)
     s.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
     # --steps as well as --m: torchrun refuses script options that abbreviate its own (--m of --master_*)
     s.add_argument("--steps", "--m", dest="m", type=int, default=100,
                    help="Lanczos steps m (default 100, as in the paper)")
-    s.add_argument("--probes", type=_positive_int, default=1, help="random probe vectors (default 1)")
-    s.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+    s.add_argument("--probes", type=positive_int, default=1, help="random probe vectors (default 1)")
+    s.add_argument("--batch-size", type=positive_int, default=None, metavar="B",
                    help="spectrum of one random batch of B samples (the batch Hessian); default: all training data")
     s.add_argument("--bn-mode", choices=["eval", "train"], default="eval", help="batch norm mode (Appendix E)")
     prec = s.add_mutually_exclusive_group()
@@ -369,14 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("variance", help="Hessian variance sigma2 (Algorithm 1) for the theory's predictions",
                        description="Per-element variance of the per-sample Hessian (or GGN): sigma2 of Theorems 4, 7.")
-    _add_model_data(v)
+    add_model_data(v)
     v.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
-    v.add_argument("--probes", type=_positive_int, default=8, help="random probes (default 8)")
-    v.add_argument("--variance-samples", type=_positive_int, default=None, metavar="N",
+    v.add_argument("--probes", type=positive_int, default=8, help="random probes (default 8)")
+    v.add_argument("--variance-samples", type=positive_int, default=None, metavar="N",
                    help="estimate on N samples drawn without replacement (default: all)")
     v.set_defaults(func=cmd_variance)
 
     _add_predict_and_advice(sub)
+    _add_estimators(sub)
 
     from .recipes import RECIPES
 
@@ -401,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "B in {16,...,256} and recommended SGD/Adam learning rates. Prints a table and "
                                    "writes JSON and PNG plots to --out.")
     d.add_argument("--out", default="hessfast_out", help="output folder (default ./hessfast_out)")
-    d.add_argument("--epochs", type=_positive_int, default=5, help="training epochs (default 5)")
-    d.add_argument("--num-batches", type=_positive_int, default=None,
+    d.add_argument("--epochs", type=positive_int, default=5, help="training epochs (default 5)")
+    d.add_argument("--num-batches", type=positive_int, default=None,
                    help="exactly this many random batches per batch size (default: until a 10%% standard error)")
-    d.add_argument("--max-batches", type=_positive_int, default=40,
+    d.add_argument("--max-batches", type=positive_int, default=40,
                    help="cap on random batches per batch size (default 40)")
-    d.add_argument("--m", type=_positive_int, default=60, help="Lanczos steps for the full-data spectra (default 60)")
+    d.add_argument("--m", type=positive_int, default=60, help="Lanczos steps for the full-data spectra (default 60)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
     return p

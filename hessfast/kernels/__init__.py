@@ -8,7 +8,7 @@ Public API:
     backends() -> dict, resolve_backend(backend, tensor) -> str
 """
 from .dispatch import BACKENDS, backends, resolve_backend
-from .orthonormalize import orthonormalize
+from .orthonormalization import orthonormalize
 from .reorth import reorthogonalize
 from .sqhvp import SquaredHVPAccumulator
 

@@ -5,7 +5,7 @@ power of two BLOCK_B), so one load of a row of Q serves the whole block.  Reduct
 written as per-program partial sums in the block's dtype and reduced by torch in float64 in a
 fixed order (deterministic, no atomics), as the accumulation contract of hessfast.kernels.reference
 states.  Launchers at the bottom pick block sizes; they expect checked, contiguous inputs (the
-public functions in reorth.py, orthonormalize.py and sqhvp.py check them).  A bfloat16 basis Q is
+public functions in reorth.py, orthonormalization.py and sqhvp.py check them).  A bfloat16 basis Q is
 widened to the block's float32 on load.  On CPU tensors they run under TRITON_INTERPRET=1 only.
 """
 from __future__ import annotations

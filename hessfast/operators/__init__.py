@@ -3,7 +3,8 @@
 * :mod:`.functional`: :class:`ModelFunction`, the model and loss as functions of the parameters.
 * :mod:`.base`: :class:`CurvatureOperator`, the data loop, graph cache, normalisation, distributed
   reduction and checks, and the registry of curvatures (``operator_class("ggn")``).
-* :mod:`.hessian`, :mod:`.ggn`: the two curvatures, one per-batch product each.
+* :mod:`.hessian`, :mod:`.ggn`: the Hessian and the GGN, one per-batch product each.
+* :mod:`.fisher`: the empirical and the Monte-Carlo Fisher, by per-sample gradients.
 * :mod:`.finite_difference`: ``hvp_mode="fd"``, its step rule and the missing-derivative test of ``"auto"``.
 * :mod:`.per_sample`, :mod:`.ghost`: per-sample products and ghost norms for the Hessian variance.
 """
@@ -13,8 +14,10 @@ from .functional import ModelFunction, sum_scale
 from .modes import HVP_MODES
 from .hessian import HessianOperator  # registered first: the default curvature, listed first in errors
 from .ggn import GGNOperator  # noqa: I001
+from .fisher import EmpiricalFisherOperator, FisherOperator, MonteCarloFisherOperator  # noqa: I001
 
-CURVATURES = curvatures()  # the built-in curvatures: ("hessian", "ggn")
+CURVATURES = curvatures()  # the built-in curvatures: ("hessian", "ggn", "empirical_fisher", "fisher")
 
-__all__ = ["CURVATURES", "HVP_MODES", "CurvatureOperator", "GGNOperator", "HessianOperator", "ModelFunction",
+__all__ = ["CURVATURES", "HVP_MODES", "CurvatureOperator", "EmpiricalFisherOperator", "FisherOperator", "GGNOperator",
+           "HessianOperator", "ModelFunction", "MonteCarloFisherOperator",
            "check_curvature", "curvatures", "fd_step", "missing_derivative", "operator_class", "sum_scale"]

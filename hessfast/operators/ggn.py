@@ -6,7 +6,9 @@ Hessian of its loss in the outputs, so G is positive semi-definite for a convex 
 
 In reverse mode ``J v`` comes from the *double-vjp trick*: ``J^T u`` is linear in the cotangent u,
 so its derivative in u along v is ``J v``, one more backward pass through the recorded graph of
-``J^T u`` (:func:`linearize`, :func:`jacobian_vector`). The ghost-norm route of the Hessian variance
+``J^T u`` (:func:`linearize`, :func:`jacobian_vector`); ``H_out`` times it is a closed form for the
+built-in cross-entropy, MSE and binary cross-entropy (:func:`closed_form_hessian`) and a backward
+pass through the loss's gradient otherwise (:func:`output_hessian`). The ghost-norm route of the Hessian variance
 (:mod:`.ghost`) uses the same functions. In fd mode ``J v`` is the central difference of the outputs
 (:mod:`.finite_difference`), so the model needs first derivatives only.
 
@@ -17,9 +19,11 @@ A loss linear in the outputs (e.g. a KL divergence of log-probabilities the mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
+from ..losses import MSE, BCEWithLogits, CrossEntropy
 from .base import CurvatureOperator
 from .finite_difference import central_difference, shifted
 from .functional import ModelFunction, add_parts
@@ -51,6 +55,72 @@ def hessian_times(grad_out: torch.Tensor, out_d: torch.Tensor, u: torch.Tensor, 
     return torch.autograd.grad(grad_out, out_d, u, retain_graph=retain, is_grads_batched=batched)[0]
 
 
+def closed_form_hessian(loss, out: torch.Tensor, targets) -> Optional[Callable]:
+    """``u -> H_out u`` for the batch's sum of loss terms in closed form, or None where there is none here.
+
+    ``out``: the outputs (logits) the loss acts on; ``u``: a tensor of their shape (no batch of vectors).
+    Closed forms, per position (classes last after the loss's alignment):
+
+    * cross-entropy with class-index targets (``cross_entropy``, ``causal_lm``, ``masked_lm``):
+      ``c (diag p - p p^T) u`` with ``p = softmax``, ``c = (1 - eps) w_y + (eps / C) sum_k w_k`` (label
+      smoothing eps, class weights w, 1 without them), 0 at ignored positions; with the causal shift
+      the last position of each sequence predicts nothing (0);
+    * ``mse``: ``2 u``;
+    * ``bce_with_logits``: ``w (1 + (p_pos - 1) y) s (1 - s) u`` with ``s = sigmoid``.
+
+    Probability targets, half-precision outputs and other losses return None (the autograd path).
+    """
+    if not isinstance(out, torch.Tensor) or out.dtype in (torch.float16, torch.bfloat16) or \
+            not isinstance(targets, torch.Tensor):
+        return None
+    x = out.detach()
+    if type(loss) is MSE and targets.shape == x.shape:
+        return lambda u: 2.0 * u
+    if type(loss) is BCEWithLogits and targets.shape == x.shape:
+        s = torch.sigmoid(x)
+        c = s * (1 - s)
+        if loss.pos_weight is not None:
+            c = c * (1 + (loss.pos_weight.to(x) - 1) * targets.to(x))
+        if loss.weight is not None:
+            c = c * loss.weight.to(x)
+        return None if c.shape != x.shape else (lambda u: c * u)
+    if type(loss) is CrossEntropy and not targets.is_floating_point():
+        return _cross_entropy_hessian(loss, x, targets)
+    return None
+
+
+def _cross_entropy_hessian(loss: CrossEntropy, x: torch.Tensor, targets: torch.Tensor) -> Optional[Callable]:
+    """``u -> H_out u`` of :class:`~hessfast.losses.CrossEntropy` with index targets (see closed_form_hessian)."""
+    z = x.movedim(1, -1) if loss.class_dim == 1 else x
+    if loss.shift:
+        if z.dim() != 3 or targets.dim() != 2:
+            return None
+        z, targets = z[:, :-1], targets[:, 1:]
+    if tuple(targets.shape) != tuple(z.shape[:-1]):
+        return None
+    p = torch.softmax(z, dim=-1)
+    valid = targets != loss.ignore_index
+    eps, num_classes = loss.label_smoothing, z.shape[-1]
+    if loss.weight is None:
+        c = valid.to(p.dtype)
+    else:
+        w = loss.weight.to(p)
+        safe = torch.where(valid, targets, torch.zeros_like(targets)).long()
+        c = ((1 - eps) * w[safe] + eps / num_classes * w.sum()) * valid
+    pc = p * c.unsqueeze(-1)
+
+    def product(u: torch.Tensor) -> torch.Tensor:
+        a = u.movedim(1, -1) if loss.class_dim == 1 else u
+        if loss.shift:
+            a = a[:, :-1]
+        r = pc * a - pc * (p * a).sum(-1, keepdim=True)
+        if loss.shift:
+            r = torch.cat([r, torch.zeros_like(r[:, :1])], dim=1)
+        return r.movedim(-1, 1) if loss.class_dim == 1 else r
+
+    return product
+
+
 def linearize(out: torch.Tensor, params: tuple) -> tuple:
     """``(u, jtu)``: a zero cotangent u (requires grad) and ``J^T u`` recorded with its graph
     (None for a parameter the outputs do not depend on); :func:`jacobian_vector` then gives ``J v``."""
@@ -73,8 +143,9 @@ def jacobian_vector(jtu: tuple, us: list, v: tuple, batched: bool = False, retai
 class GGNGraph:
     """The graph of one batch (or of merged batches, one list entry per batch) for GGN products.
 
-    ``params``: leaf parameters; ``out``: outputs f(w); ``out_d``, ``grad_out``: :func:`output_hessian`;
-    ``u``: the zero cotangents and ``jtu`` the summed ``J^T u`` of :func:`linearize`.
+    ``params``: leaf parameters; ``out``: outputs f(w); ``hess``: the closed-form ``u -> H_out u`` of
+    each batch (:func:`closed_form_hessian`), or None where ``out_d``, ``grad_out`` (:func:`output_hessian`)
+    give it by a backward pass; ``u``: the zero cotangents and ``jtu`` the summed ``J^T u`` of :func:`linearize`.
     """
 
     params: tuple
@@ -83,39 +154,59 @@ class GGNGraph:
     grad_out: list
     u: list
     jtu: tuple
+    hess: list
 
 
 class GGNOperator(CurvatureOperator):
     """The Generalised Gauss-Newton matrix ``G v = (1/N) sum_i J_i^T H_out,i J_i v``; arguments as
-    :class:`CurvatureOperator`."""
+    :class:`CurvatureOperator`.
+
+    In reverse mode a product through the cached graph is two backward calls for all batches: ``J v``
+    by the double-vjp trick, then ``J^T`` (H_out in between in closed form for the built-in
+    cross-entropy, MSE and binary cross-entropy, else one more backward pass per batch).
+    ``bench/bench_ggn_product.py`` measured this against the alternatives (forward-mode ``J v`` by
+    ``torch.func.jvp`` or kept ``torch.func.linearize`` graphs); ``meta()["output_hessian"]`` says which
+    H_out ran.
+    """
 
     curvature = "ggn"
 
     def build_graph(self, batch, params: tuple) -> GGNGraph:
         out = self.fn.forward(params, batch[0])
-        out_d, grad_out = output_hessian(self.fn, out, batch)
+        hess = None if self.fn.loss.linear_in_logits else closed_form_hessian(self.fn.loss, out, batch[1])
+        out_d, grad_out = output_hessian(self.fn, out, batch) if hess is None else (None, None)
+        self.closed_form = hess is not None
         u, jtu = linearize(out, params)
-        return GGNGraph(params, [out], [out_d], [grad_out], [u], jtu)
+        return GGNGraph(params, [out], [out_d], [grad_out], [u], jtu, [hess])
 
     def merge_graphs(self, graphs: list) -> list:
         """One graph for all batches: the ``J^T u`` add up and the per-batch pieces are listed, so a
-        product is three backward calls instead of three per batch."""
+        product is two or three backward calls instead of that many per batch."""
         g0 = graphs[0]
-        merged = GGNGraph(g0.params, list(g0.out), list(g0.out_d), list(g0.grad_out), list(g0.u), g0.jtu)
+        merged = GGNGraph(g0.params, list(g0.out), list(g0.out_d), list(g0.grad_out), list(g0.u), g0.jtu,
+                          list(g0.hess))
         for g in graphs[1:]:
             merged.jtu = add_parts(merged.jtu, g.jtu)
-            for name in ("out", "out_d", "grad_out", "u"):
+            for name in ("out", "out_d", "grad_out", "u", "hess"):
                 getattr(merged, name).extend(getattr(g, name))
         return [merged]
 
     def graph_product(self, graph: GGNGraph, v: tuple, batched: bool = False) -> tuple:
-        """``J^T H_out J v``: J v by the double-vjp trick, then H_out, then J^T (three backward passes)."""
-        if not any(g.requires_grad for g in graph.grad_out):   # a loss linear in the outputs
-            return tuple(None for _ in v)
+        """``J^T H_out J v``: J v by the double-vjp trick, then H_out (closed form or a backward pass), then J^T."""
+        if all(h is None and not g.requires_grad for h, g in zip(graph.hess, graph.grad_out)):
+            return tuple(None for _ in v)   # a loss linear in the outputs
         jv = jacobian_vector(graph.jtu, graph.u, v, batched)
-        hjv = [hessian_times(g, o, u, batched) for g, o, u in zip(graph.grad_out, graph.out_d, jv)]
+        hjv = [hessian_times(g, o, j, batched) if h is None else (torch.func.vmap(h)(j) if batched else h(j))
+               for h, g, o, j in zip(graph.hess, graph.grad_out, graph.out_d, jv)]
         return torch.autograd.grad(graph.out, graph.params, hjv, retain_graph=True, allow_unused=True,
                                    is_grads_batched=batched)
+
+    def meta(self) -> dict:
+        """The base class's meta plus ``output_hessian``: ``"closed form"`` or ``"autograd"`` (reverse mode)."""
+        meta = super().meta()
+        if self.hvp_mode == "reverse":
+            meta["output_hessian"] = "closed form" if getattr(self, "closed_form", False) else "autograd"
+        return meta
 
     @staticmethod
     def functional_product(fn: ModelFunction, params: tuple, batch, v: tuple, reverse: bool = False) -> tuple:

@@ -7,7 +7,7 @@ import torch
 
 import cases
 import hessfast
-from hessfast.estimators.trace import xtrace_terms
+from hessfast.estimators.trace_estimators import xtrace_terms
 from hessfast.utils.model_state import snapshot
 
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hessfast.kernels import orthonormalize, reorthogonalize
-from hessfast.kernels.orthonormalize import ORTH_IMPLS
+from hessfast.kernels.orthonormalization import ORTH_IMPLS
 from hessfast.kernels.reference import cgs2_reference, cholqr2_reference, qr_reference
 from hessfast.kernels.reorth import CGS2_IMPLS
 

@@ -150,7 +150,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="data must be"):
         hessfast.HessianOperator(case.model, 5)
     with pytest.raises(ValueError, match="unknown curvature"):
-        hessfast.CurvatureOperator(case.model, case.batch, curvature="fisher")
+        hessfast.CurvatureOperator(case.model, case.batch, curvature="kfac")
     with pytest.raises(ValueError, match="unknown bn_mode"):
         hessfast.CurvatureOperator(case.model, case.batch, bn_mode="frozen")
     with pytest.raises(ValueError, match="unknown hvp_mode"):

@@ -25,7 +25,7 @@ import torch
 
 from ._linear import (as_operator, block_rows, check_count, exact_diagonal, generator, matmat, parameter_layout,
                       rademacher, split_parameters)
-from .trace import leave_one_out_normals, orthonormal_rows
+from .trace_estimators import leave_one_out_normals, orthonormal_rows
 
 METHODS = ("hutchinson", "xdiag")
 MINIMUM = {"hutchinson": 2, "xdiag": 4}

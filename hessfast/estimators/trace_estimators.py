@@ -28,14 +28,17 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ..utils.serialization import JSONFile, jsonable
 from ._linear import as_operator, block_rows, check_count, exact_diagonal, generator, matmat, rademacher
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}
 
 
+FORMAT = "hessfast.TraceEstimate/1"
+
 @dataclass
-class TraceEstimate:
+class TraceEstimate(JSONFile):
     """An estimate of tr(A) with its standard error.
 
     Attributes:
@@ -78,11 +81,30 @@ class TraceEstimate:
                 f"{self.num_matvecs} products, seed {self.seed})")
 
     def to_dict(self) -> dict:
-        from ..utils.serialization import jsonable
-
-        return jsonable({"format": "hessfast.TraceEstimate/1", "estimate": self.estimate, "stderr": self.stderr,
+        return jsonable({"format": FORMAT, "estimate": self.estimate, "stderr": self.stderr,
                          "num_matvecs": self.num_matvecs, "method": self.method, "seed": self.seed,
                          "samples": self.samples, "meta": self.meta})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TraceEstimate":
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not a saved hessfast.TraceEstimate (format {d.get('format')!r}, expected {FORMAT!r}).")
+        return cls(float(d["estimate"]), float(d["stderr"]), int(d["num_matvecs"]), d["method"], int(d["seed"]),
+                   np.asarray(d["samples"], dtype=np.float64), d.get("meta", {}))
+
+    def plot(self, path=None, ax=None):
+        """Histogram of the averaged terms with the estimate and +-2 standard errors; saved to ``path`` (PNG)."""
+        from ..utils.plotting import figure_axes
+
+        with figure_axes(ax, path) as ax:
+            if len(self.samples):
+                ax.hist(self.samples, bins=max(5, len(self.samples) // 3), alpha=0.7, label="averaged terms")
+            ax.axvline(self.estimate, color="C3", label=f"estimate {self.estimate:.4g} (+-2 s.e. dashed)")
+            ax.vlines([self.estimate - 2 * self.stderr, self.estimate + 2 * self.stderr], 0, 1,
+                      transform=ax.get_xaxis_transform(), colors="C3", linestyles="--", lw=0.8)
+            ax.set(xlabel="trace", title=f"{self.method}: {self.num_matvecs} products")
+            ax.legend(fontsize=8)
+        return ax
 
 
 def trace(model_or_operator: Any, data: Any = None, num_matvecs: int = 99, method: str = "hutch++", seed: int = 0,
