@@ -14,8 +14,12 @@ available). Printed per workload:
 * the same for PyHessian, curvlinops and hessian-eigenthings when installed (see bench/README.md:
   install them with ``--no-deps``), each on the same model, loader and float32 data.
 
+* where the time of ``lanczos(m=100)`` goes (``_lanczos_costs.py``): products, reorthogonalisation,
+  Python, compilation, for the Hessian and the GGN, one probe and ``num_probes=8`` probe after probe
+  and in lockstep, eager (cached graph and forward mode) and, with ``--compile``, compiled.
+
     OMP_NUM_THREADS=1 python bench/bench_lanczos.py [--m 100] [--threads 1] [--repeat 3] [--no-peers]
-        [--only mlp|cnn] [--json out.json] [--save bench/RESULTS.md]
+        [--only mlp|cnn] [--no-costs] [--compile] [--json out.json] [--save bench/RESULTS.md]
 
 Times are best-of-``--repeat``; each ratio divides by the best gradient time of the same process.
 On a shared machine use ``--threads 1``: with more OpenMP threads than free cores the small
@@ -33,6 +37,8 @@ import torch
 from torch import nn
 
 from _common import SmallCNN, best_of, digits_batches, environment, mlp  # noqa: I001 (puts the source tree on sys.path)
+
+from _lanczos_costs import cost_markdown, cost_rows  # noqa: I001
 
 import hessfast
 from hessfast.operators import CurvatureOperator
@@ -311,6 +317,8 @@ def run_workload(key, loader, args):
         row["gradient_ms"] = grad_t2 * 1e3
         grad_t = grad_t2
     row["peers"] = [] if args.no_peers else peers(model, loader, args.m, grad_t, ref, args.peer_repeat)
+    row["costs"] = [] if args.no_costs else cost_rows(model, loader, args.m, args.repeat, grad_t, args.seed,
+                                                      args.compile)
     return row
 
 
@@ -339,6 +347,7 @@ def markdown(rows, env, m):
     for r in rows:
         out.append(f"| {r['workload']} | {r['hvp_reverse_cached_x']:.2f}x | {r['hvp_reverse_uncached_x']:.2f}x | "
                    f"{r['hvp_forward_x']:.2f}x | {r['true_max']:.6g} | {r['true_min']:.6g} |")
+    out += cost_markdown([(r["workload"], r["costs"]) for r in rows if r.get("costs")], m)
     return "\n".join(out) + "\n"
 
 
@@ -352,6 +361,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=sorted(WORKLOADS), default=None)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-costs", action="store_true", help="skip where-the-time-goes (8-probe runs are long)")
+    parser.add_argument("--compile", action="store_true", help="also time compiled products (tens of s to compile)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--save", default=None, help="append the markdown table to this file")
     args = parser.parse_args()
@@ -377,6 +388,11 @@ def main():
             print(f"  peer {p['peer']} {p.get('routine', '')}: x grad {fmt(p.get('x_gradient'), '.0f')} "
                   f"err max {fmt(p.get('err_max_vs_true'), '.1e')} err min {fmt(p.get('err_min_vs_true'), '.1e')} "
                   f"top copies {fmt(p.get('top_cluster'))} {p.get('note', '')}", flush=True)
+        for c in r["costs"]:
+            print(f"  {c['run']}: {c['total_x']:.0f}x = build {c['build_x']:.1f} + products {c['products_x']:.0f} + "
+                  f"reorth {c['reorth_x']:.1f} + Python {c['python_x']:.1f} (rest/products "
+                  f"{c['rest_over_products']:.1%}; compile {c['compile_s']:.1f} s apart)"
+                  + (f"; {c['vs_one_probe']:.2f}x one probe" if "vs_one_probe" in c else ""), flush=True)
     table = markdown(rows, env, args.m)
     print("\n" + table)
     if args.save:

@@ -18,8 +18,13 @@ from ._version import __version__
 from .engine import runner as _runner
 from .engine.block import planned_steps, spectrum_rows
 from .engine.lanczos import check_reorth, probe_vectors
+from .engine.lockstep import Lockstep, lockstep_fits, use_lockstep
 from .operators import CurvatureOperator
+from .operators.fsdp import FSDPOperator, is_fsdp_model, unwrap_ddp
+from .operators.compiled import resolve_compile
 from .spectrum import Spectrum
+from .utils.data import is_single_batch
+from .utils.model_state import model_device
 
 
 def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hessian",
@@ -27,7 +32,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             bn_mode: str = "eval", dtype: Optional[torch.dtype] = None, reorth: str = "full",
             block_size: int = 1, hvp_mode: str = "auto", backend: str = "auto", cache_graph: Any = "auto",
             progress: Optional[bool] = None, distributed: Any = None, shard_basis: Optional[bool] = None,
-            basis_device: Any = None, basis_dtype: Optional[torch.dtype] = None) -> Spectrum:
+            basis_device: Any = None, basis_dtype: Optional[torch.dtype] = None, compile: Any = False,
+            lockstep: Optional[bool] = None) -> Spectrum:
     """Spectrum of the Hessian or GGN of ``model`` on ``data`` by stochastic Lanczos quadrature.
 
     Args:
@@ -68,6 +74,16 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
             values move by up to 6e-4 of lambda_max (2e-4 for P >= 1e5; bench/RESULTS.md, "bfloat16
             basis"): enough for densities and outliers, not for eigenvalues closer than that.
             Works with every basis placement (shard_basis, basis_device) and with block_size > 1.
+        compile: ``True`` compiles the curvature product with ``torch.compile`` (forward mode; compiled
+            once per model and batch shape and reused by later calls; falls back to the eager product
+            with a warning if compilation fails), ``"auto"`` the fixed rule of
+            :func:`hessfast.operators.compiled.auto_compile` for m x num_probes x batches products (CUDA
+            and long runs only: never on CPU), ``False`` (default) eager. ``meta["compile_s"]`` is the
+            compilation time, apart from ``elapsed``'s Lanczos work. Ignored when ``model`` is an operator.
+        lockstep: run the ``num_probes`` recurrences side by side with one batched product per step
+            (:mod:`hessfast.engine.lockstep`; the estimator and its digits are those of sequential
+            runs, to rounding). None (default): the rule of :func:`hessfast.engine.lockstep.use_lockstep`
+            (num_probes > 1, block_size 1, one process, basis on the device, memory for the k bases).
 
     Returns:
         :class:`Spectrum` with ``ritz_values`` and ``weights`` of shape (num_probes, m) (block Lanczos:
@@ -78,7 +94,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
     _check_counts(m, num_probes, block_size)
     check_reorth(reorth)
     op = _operator(model, data, curvature=curvature, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype, hvp_mode=hvp_mode,
-                   cache_graph=cache_graph, progress=progress, distributed=distributed)
+                   cache_graph=cache_graph, progress=progress, distributed=distributed,
+                   compile=_compile_choice(compile, model, data, hvp_mode, m * num_probes))
     P = op.P
     if m > P:
         raise ValueError(f"m = {m} exceeds the number of parameters P = {P}: a Krylov space has at most P "
@@ -92,21 +109,51 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                disable=None if progress is None else not progress, leave=False)
     probes = probe_vectors(num_probes, P, _runner.common_seed(op, seed), op.dtype, op.device)
     results, width = [], 0
+    steps_each = planned_steps(m, 1, P)
+    together = use_lockstep(lockstep, num_probes=num_probes, block_size=block_size, placement=runner.placement,
+                            distributed=op.dist is not None,
+                            fits=num_probes > 1 and lockstep_fits(num_probes, steps_each, P, runner.basis_dtype,
+                                                                  op.device),
+                            shared_products=not op.cached and op.hvp_mode != "fd")
     try:
-        for first in range(0, num_probes, block_size):
-            V = probes[first:first + block_size]
-            b = V.shape[0]
-            label = f" of probe {first}" if b == 1 else f" of probes {first}-{first + b - 1}"
-            res = runner(V, m, step_callback=lambda n, b=b: bar.update(n * b), where=label, seed=first)
-            results.append((first, res))
-            width = max(width, planned_steps(m, b, P) * b)
-            bar.update(max(m - res.size, 0) * b)   # a run that broke down: its remaining steps
+        if together:
+            results, width = _lockstep(op, runner, probes, steps_each, bar), steps_each
+        else:
+            for first in range(0, num_probes, block_size):
+                V = probes[first:first + block_size]
+                b = V.shape[0]
+                label = f" of probe {first}" if b == 1 else f" of probes {first}-{first + b - 1}"
+                res = runner(V, m, step_callback=lambda n, b=b: bar.update(n * b), where=label, seed=first)
+                results.append((first, res))
+                width = max(width, planned_steps(m, b, P) * b)
+                bar.update(max(m - res.size, 0) * b)   # a run that broke down: its remaining steps
     finally:
         bar.close()
     ritz, weights, steps, breakdown = spectrum_rows(results, width)
     meta = _meta(op, runner, m=m, num_probes=num_probes, seed=seed, reorth=reorth, block_size=block_size,
                  backend=backend, steps=steps, breakdown=breakdown, start=start)
+    meta["lockstep"] = together
+    meta.update(compile=compile if isinstance(model, torch.nn.Module) else op.meta().get("compile", False),
+                compiled=meta.get("compiled", False), compile_s=meta.get("compile_s", 0.0))
     return Spectrum(ritz, weights, meta)
+
+
+def _lockstep(op, runner, probes: torch.Tensor, steps: int, bar) -> list:
+    """The probes' runs side by side (:class:`~hessfast.engine.lockstep.Lockstep`) as (first probe, result) pairs."""
+    run = Lockstep(op.matmat, probes.shape[0], steps, op.P, op.dtype, op.device, storage_dtype=runner.basis_dtype,
+                   backend=runner.backend, step_callback=bar.update,
+                   fixed_block=bool(op.meta().get("compiled")))   # a compiled product keeps its one shape
+    results = run.run(probes)
+    bar.update(sum(max(steps - res.size, 0) for res in results))   # runs that broke down: their remaining steps
+    return list(enumerate(results))
+
+
+def _compile_choice(compile, model, data, hvp_mode, products) -> Any:
+    """``compile`` with ``"auto"`` settled for the whole run (products x batches; :func:`resolve_compile`)."""
+    if not isinstance(model, torch.nn.Module) or compile != "auto":   # an operator: built with its own choice
+        return compile
+    batches = 1 if is_single_batch(data) else (len(data) if hasattr(data, "__len__") else 1)
+    return resolve_compile(compile, device=model_device(model), hvp_mode=hvp_mode, batch_products=products * batches)
 
 
 def _meta(op, runner, *, m, num_probes, seed, reorth, block_size, backend, steps, breakdown, start) -> dict:
@@ -117,6 +164,8 @@ def _meta(op, runner, *, m, num_probes, seed, reorth, block_size, backend, steps
         "bn_mode": op.bn_mode, "dtype": str(op.dtype).replace("torch.", ""), "reorth": reorth,
         "basis_dtype": str(runner.basis_dtype).replace("torch.", ""), "block_size": block_size,
         "hvp_mode": op_meta["hvp_mode"], "cached_graph": op_meta["cached"], "backend_requested": backend,
+        **{k: op_meta[k] for k in ("compile", "compiled", "compile_s", "compile_graphs", "compile_fallback")
+           if k in op_meta},
         **{k: op_meta[k] for k in ("dropout", "loss", "loss_terms", "attention", "hvp_fallback") if k in op_meta},
         "device": str(op.device), "single_batch": op_meta["single_batch"], "steps": list(map(int, steps)),
         "breakdown": bool(any(breakdown)), "elapsed": time.perf_counter() - start,
@@ -138,11 +187,14 @@ def _check_counts(m, num_probes, block_size) -> None:
 
 def _operator(model, data, *, progress, distributed, **kwargs) -> CurvatureOperator:
     """The operator of a call: ``model`` itself when it is one, else built from (model, data)."""
-    if isinstance(model, CurvatureOperator):
+    if isinstance(model, (CurvatureOperator, FSDPOperator)):
         if data is not None:
             raise ValueError("pass either (model, data) or an operator alone, not an operator and data.")
         return model
     if data is None:
         raise TypeError("lanczos(model, data, ...) needs data: an (inputs, targets) batch or a DataLoader.")
+    model = unwrap_ddp(model)     # DDP: every rank holds the whole model; the data-parallel path applies
+    if is_fsdp_model(model):      # FSDP2: shard-local finite differences, a basis sharded like the parameters
+        return FSDPOperator(model, data, distributed=distributed, **kwargs)
     return CurvatureOperator(model, data, progress=bool(progress) and _distributed.is_main(distributed),
                              distributed=distributed, **kwargs)

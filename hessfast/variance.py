@@ -37,6 +37,7 @@ from . import distributed as _distributed
 from ._version import __version__
 from .engine import probe_vectors
 from .operators import ModelFunction, ghost, operator_class, per_sample
+from .operators.fsdp import check_unsharded
 from .operators.per_sample import PerSampleProducts, VmapUnsupported
 from .utils import data as _data
 from .utils.model_state import curvature_mode
@@ -327,6 +328,7 @@ def hessian_variance(model: nn.Module, data: Any, *, curvature: str = "hessian",
 
 
 def _check_arguments(model, route: str, bn_mode: str, max_samples, chunk_size) -> None:
+    check_unsharded(model, "hessian_variance")
     if route not in ROUTES:
         raise ValueError(f"unknown route {route!r}; choose one of {ROUTES}.")
     if bn_mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):

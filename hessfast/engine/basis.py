@@ -94,6 +94,10 @@ class Basis:
     def read(self, row: int, n: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def write_scaled(self, row: int, X: torch.Tensor, divisor: Optional[float] = None) -> None:
+        """``write(row, X / divisor)`` (``divisor`` None: ``write(row, X)``); X may be overwritten."""
+        self.write(row, X if divisor is None else X.div_(divisor))
+
     def orthogonalize(self, row: int, W: torch.Tensor, coupling: Optional[torch.Tensor]):
         """Make the product W (b, c) of the block at rows [row, row + b) orthogonal to the basis.
 
@@ -139,6 +143,11 @@ class DeviceBasis(Basis):
 
     def write(self, row, X):
         self.Q[row:row + X.shape[0]].copy_(X)
+
+    def write_scaled(self, row, X, divisor=None):
+        if divisor is None or self.storage_dtype != X.dtype:
+            return super().write_scaled(row, X, divisor)
+        torch.div(X, divisor, out=self.Q[row:row + X.shape[0]])   # the same rounding as X / divisor, one pass
 
     def read(self, row, n):
         X = self.Q[row:row + n]

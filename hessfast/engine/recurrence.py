@@ -93,14 +93,15 @@ class Lanczos:
         "ok" | "invariant" | "exhausted".
 
         W (b, c) is already orthogonal to rows [0, k); for b = 1, ``norms`` (1,) is its norm on the
-        device and ``beta`` the same number already read back.
+        device and ``beta`` the same number already read back, and Q_{next} is W itself, not yet
+        divided by beta: :meth:`_write` divides it on its way into the basis (one pass over it).
         """
         basis, b = self.basis, W.shape[0]
         if b == 1:
             beta = float(norms[0]) if beta is None else beta
             if not beta > tol:
                 return W, beta, None, "invariant"
-            return W.div_(beta), beta, norms.view(1, 1), "ok"
+            return W, beta, norms.view(1, 1), "ok"
         Qn, R = basis.qr(W)
         B = R.double().cpu().numpy().copy()
         bad = [i for i in range(b) if not B[i, i] > tol]
@@ -123,6 +124,10 @@ class Lanczos:
                 return Qn, B, None, "exhausted"
         self.deflated += len(bad)
         return Qn, B, torch.as_tensor(B, dtype=basis.dtype).to(basis.device), "ok"
+
+    def _write(self, row: int, Qn: torch.Tensor, B) -> None:
+        """Store the next block; for b = 1 Qn is the unnormalised w and B = beta (q = w / beta)."""
+        self.basis.write_scaled(row, Qn, B if self.basis.b == 1 else None)
 
     # ------------------------------------------------------------------ block steps
     def _product(self, row: int) -> torch.Tensor:
@@ -188,12 +193,12 @@ class Lanczos:
             if last:
                 res_B = np.reshape(B, (b, b))
                 if status == "ok" and basis.capacity is not None and r + 2 * b <= basis.capacity:
-                    basis.write(r + b, Qn)
+                    self._write(r + b, Qn, B)
                 break
             if status != "ok":
                 breakdown = True
                 break
-            basis.write(r + b, Qn)
+            self._write(r + b, Qn, B)
             off.append(B)
             self.coupling = B_dev
             self.prev_norm = B if b == 1 else float(np.linalg.norm(B, 2))

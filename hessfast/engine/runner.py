@@ -7,6 +7,8 @@ placements, decided once per run and recorded in ``Spectrum.meta``:
     "device"        every row in device memory, fused CGS2 kernels          (the default)
     "host"          rows in host memory, streamed in tiles (``basis_device``) (:mod:`.tiled`)
     "sharded"       1/world_size of every row per rank (``shard_basis``)     (:mod:`.sharded`)
+    "parameter-sharded"  each rank's parameter-shard entries of every row: an FSDP2 operator's
+                    ``shard_layout`` and ``local_matmat``                      (:mod:`.param_sharded`)
     "three-vector"  the last two blocks (``reorth="none"``)
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..utils.memory import plan_basis
 from .basis import DeviceBasis, ThreeVectorBasis, check_basis_dtype
 from .block import planned_steps
 from .lanczos import check_reorth
+from .param_sharded import ParameterShardedBasis, parameter_sharded_product
 from .recurrence import Lanczos
 from .result import LanczosResult
 from .sharded import ShardedBasis, sharded_product
@@ -52,15 +55,22 @@ class BasisLanczos:
         self.reorth = check_reorth(reorth)
         self.basis_dtype = check_basis_dtype(basis_dtype, op.dtype, reorth)
         dist = op.dist
-        self.ctx = dist if (shard and dist is not None and reorth == "full") else None
+        self.layout = getattr(op, "shard_layout", None)      # set by operators of FSDP2-sharded models
+        if self.layout is not None and reorth != "full":
+            raise ValueError("reorth='none' is not available for FSDP2-sharded models: the basis is sharded like "
+                             "the parameters and needs reorth='full' (its memory per rank is (m+1) P_local).")
+        self.ctx = dist if (dist is not None and reorth == "full" and (shard or self.layout is not None)) else None
         world = 1 if self.ctx is None else self.ctx.world_size
         full = reorth == "full"
+        extra = {} if self.layout is None else dict(shard_numel=self.layout.c, **op.resident_bytes())
         self.plan = plan_basis(m if full else 1, op.P, self.basis_dtype, op.device, world_size=world,
-                               basis_device=basis_device if full else None, block_size=block_size)
+                               basis_device=basis_device if full else None, block_size=block_size, **extra)
         if tile_rows is not None and full:
             self.plan.tile_rows = int(tile_rows)
         if not full:
             self.placement = "three-vector"
+        elif self.layout is not None:
+            self.placement = "parameter-sharded"
         elif self.ctx is not None:
             self.placement = "sharded"
         else:
@@ -87,6 +97,9 @@ class BasisLanczos:
             return HostBasis(rows, b, op.P, op.dtype, op.device, self.plan.where, self.plan.tile_rows,
                              storage_dtype=self.basis_dtype)
         tiles = self.plan.tile_rows
+        if self.placement == "parameter-sharded":
+            return ParameterShardedBasis(self.ctx, self.layout, rows, b, op.dtype, op.device, where=self.plan.where,
+                                         tile_rows=tiles, storage_dtype=self.basis_dtype)
         return ShardedBasis(self.ctx, rows, b, op.P, op.dtype, op.device, where=self.plan.where, tile_rows=tiles,
                             storage_dtype=self.basis_dtype)
 
@@ -94,6 +107,8 @@ class BasisLanczos:
         op = self.op
         if self.placement == "sharded":
             return sharded_product(self.ctx, op, basis)
+        if self.placement == "parameter-sharded":
+            return parameter_sharded_product(op)
         if b == 1:
             return lambda X: op.matvec(X[0]).view(1, -1)
         return op.matmat
@@ -118,13 +133,19 @@ class BasisLanczos:
         run = Lanczos(self._product(basis, b), basis, breakdown_tol=breakdown_tol, seed=seed,
                       step_callback=step_callback, where=where)
         run.start(V0.to(device=self.op.device, dtype=self.op.dtype))
-        return run.run(s, keep_basis=keep_basis)
+        result = run.run(s, keep_basis=keep_basis)
+        if self.placement == "parameter-sharded" and result.steps:   # finite-difference noise against |lambda|_max
+            self.op.check_noise(float(max(abs(result.ritz()[0]))))
+        return result
 
     def meta(self) -> dict:
         """What ran: placement, where the rows were, bytes per rank, tile rows, stored dtype, backend."""
-        return {"basis": self.placement, "shard_basis": self.ctx is not None, "basis_device": str(self.plan.where),
-                "basis_bytes_per_rank": int(self.plan.bytes_per_rank), "basis_tile_rows": self.plan.tile_rows,
-                "backend": self.backend}
+        out = {"basis": self.placement, "shard_basis": self.ctx is not None, "basis_device": str(self.plan.where),
+               "basis_bytes_per_rank": int(self.plan.bytes_per_rank), "basis_tile_rows": self.plan.tile_rows,
+               "backend": self.backend}
+        if self.placement == "parameter-sharded":
+            out.update(self.op.sharding_meta())
+        return out
 
 
 def choose_shard(op, m: int, *, reorth: str, block_size: int, shard_basis: Optional[bool],
@@ -139,6 +160,8 @@ def choose_shard(op, m: int, *, reorth: str, block_size: int, shard_basis: Optio
     ctx = op.dist
     if ctx is None or reorth != "full":
         return False
+    if getattr(op, "shard_layout", None) is not None:    # FSDP2: always sharded like the parameters
+        return True
     if shard_basis is not None:
         return bool(shard_basis)
     plan = plan_basis(m, op.P, basis_dtype or op.dtype, op.device, block_size=block_size)

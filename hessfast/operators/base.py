@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..utils import data as _data
 from ..utils.memory import available_memory
 from ..utils.model_state import DROPOUT, curvature_mode
+from .compiled import DEFAULT_RUN_PRODUCTS, ProductCompiler
 from .finite_difference import fd_step
 from .functional import ModelFunction
 from .modes import ProductMode
@@ -88,6 +89,11 @@ class CurvatureOperator:
             every product reads the data again, and batches that change between passes raise
             (:class:`hessfast.utils.data.PassCheck`).
         progress: show a progress bar while the graphs are built.
+        compile: ``True`` runs the functional product (forward mode) through ``torch.compile``, compiled
+            once per model and batch shape and cached across operators, compiling at construction;
+            if compilation fails or the product graph-breaks, the eager product runs with a warning
+            (:mod:`.compiled`). ``"auto"``: the fixed rule :func:`~.compiled.auto_compile` (CUDA only,
+            for long runs; an operator assumes 100 products). ``False`` (default): eager.
         distributed: with a torch.distributed process group (``None``: when one is initialised;
             ``True``; a ``ProcessGroup``; ``False``: never) ``data`` is this rank's shard, possibly
             empty, and products are exact means over the samples of all ranks (hessfast.distributed).
@@ -138,14 +144,17 @@ class CurvatureOperator:
     def __init__(self, model: nn.Module, data: Any, *, curvature: Optional[str] = None,
                  loss_fn: Optional[Callable] = None, bn_mode: str = "eval",
                  dtype: Optional[torch.dtype] = None, hvp_mode: str = "auto",
-                 cache_graph: Any = "auto", progress: bool = False, distributed: Any = None):
+                 cache_graph: Any = "auto", progress: bool = False, distributed: Any = None,
+                 compile: Any = False):
         if curvature is not None and check_curvature(curvature) != self.curvature:
             raise ValueError(f"{type(self).__name__} is the {self.curvature!r} curvature, not {curvature!r}; use "
                              f"CurvatureOperator(model, data, curvature={curvature!r}).")
         if cache_graph not in ("auto", True, False):
             raise ValueError(f"cache_graph must be 'auto', True or False, got {cache_graph!r}.")
         self.fn = ModelFunction(model, data, loss_fn=loss_fn, bn_mode=bn_mode, dtype=dtype, distributed=distributed)
-        self.mode = ProductMode(type(self), hvp_mode)
+        self.compiler = ProductCompiler(type(self), compile, device=self.fn.device, hvp_mode=hvp_mode,
+                                        batch_products=DEFAULT_RUN_PRODUCTS * (self.fn.num_batches() or 1))
+        self.mode = ProductMode(type(self), hvp_mode, compiled=self.compiler.active)
         self.progress = progress
         self.N = self.N_local = 0
         self.loss_terms = 0.0
@@ -232,6 +241,7 @@ class CurvatureOperator:
                 "rank_samples": list(self.rank_counts)}
         if self.mode.fallback is not None:
             meta["hvp_fallback"] = self.mode.fallback
+        meta.update(self.compiler.meta())
         return meta
 
     # ------------------------------------------------------------------ construction
@@ -261,6 +271,7 @@ class CurvatureOperator:
             terms = self.fn.term_count(first, run=True)
             n_batches = self.fn.num_batches()
             graphs, leaves, graph = None, None, None
+            self._prepare_compiled(first)
             if self.hvp_mode == "reverse":   # the first graph: checked, probed, cached if it fits
                 leaves = self.fn.leaf_params()
                 graph, nbytes = self._saved_bytes(first, leaves)
@@ -277,11 +288,18 @@ class CurvatureOperator:
             for batch in bar:
                 self.N += _data.batch_size(batch)
                 terms = terms + self.fn.term_count(batch)
+                self._prepare_compiled(batch)
                 if graphs is not None:
                     graphs.append(self.build_graph(batch, leaves))
             self._graphs = self.merge_graphs(graphs) if graphs is not None else None
             self.cached = self._graphs is not None
             self.N_local, self.loss_terms = self.N, float(terms)
+
+    def _prepare_compiled(self, batch) -> None:
+        """Compile the product for this batch's shape now (its time is reported apart); after a failed
+        compilation the mode returns to its eager pick, so the graphs are then built as without compile."""
+        if self.compiler.active and not self.compiler.prepare(self.fn, batch):
+            self.mode.uncompile()
 
     def _probe_product(self, first, graph) -> None:
         """One product on the first batch in the current mode (its value is not used)."""
@@ -342,6 +360,11 @@ class CurvatureOperator:
         if self.hvp_mode == "reverse":
             graph = graph if graph is not None else self.build_graph(batch, self.fn.leaf_params())
             return self.graph_product(graph, v, batched)
+        if self.compiler.active:
+            return self.compiler.product(self.fn, batch, v, batched, lambda: self._eager_forward(batch, v, batched))
+        return self._eager_forward(batch, v, batched)
+
+    def _eager_forward(self, batch, v: tuple, batched: bool) -> tuple:
         if batched:
             return self._batched_forward(batch, v)
         return self.functional_product(self.fn, self.fn.params, batch, v)

@@ -14,6 +14,12 @@
 
 The exact modes evaluate ``scaled_dot_product_attention`` with PyTorch's math kernel (the fused
 flash / efficient kernels have no second derivative); fd keeps the default kernels.
+
+Compiled products (``compile=True``, :mod:`.compiled`) compile the functional product, so they run in
+forward mode: ``"auto"`` then picks ``"forward"``, and returns to its eager pick (reverse where the
+curvature has a graph product) if compilation fails at construction (:meth:`ProductMode.uncompile`).
+``hvp_mode="reverse"`` or ``"fd"`` with ``compile=True`` is refused (there is no functional product to
+compile in those modes).
 """
 from __future__ import annotations
 
@@ -38,18 +44,23 @@ class ProductMode:
     Attributes:
         requested: the ``hvp_mode`` argument.
         name: the mode that runs (``"reverse"``, ``"forward"`` or ``"fd"``).
+        eager_name: the mode ``requested`` picks without compiled products.
         fallback: why ``"auto"`` chose fd, or None.
     """
 
-    def __init__(self, cls: type, requested: str):
+    def __init__(self, cls: type, requested: str, compiled: bool = False):
         if requested not in HVP_MODES:
             raise ValueError(f"unknown hvp_mode {requested!r}; choose one of {HVP_MODES}.")
+        if compiled and requested in ("reverse", "fd"):
+            raise ValueError(f"compile=True compiles the functional (forward-over-reverse) product, which "
+                             f"hvp_mode={requested!r} does not run; use hvp_mode='auto' or 'forward' with "
+                             "compile=True, or compile=False.")
         self.cls, self.requested = cls, requested
         self.fallback: Optional[str] = None
         available = [m for m, ok in (("reverse", cls.has_graph_product()), ("forward", cls.has_functional_product()))
                      if ok]
         if requested == "fd" and cls.has_fd_product():
-            self.name = "fd"
+            self.name = self.eager_name = "fd"
             return
         if not available:
             raise TypeError(f"{cls.__name__} implements neither build_graph/graph_product nor "
@@ -61,6 +72,13 @@ class ProductMode:
                              "'auto'.")
         else:
             self.name = requested
+        self.eager_name = self.name
+        if compiled:
+            self.name = "forward"
+
+    def uncompile(self) -> None:
+        """Back to the mode ``requested`` picks without compilation (after a failed compilation)."""
+        self.name = self.eager_name
 
     @property
     def exact(self) -> bool:

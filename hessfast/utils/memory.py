@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -74,6 +74,12 @@ class BasisPlan:
     ``bytes_per_rank`` = :func:`basis_rows` (m, b) * ceil(P / world_size) * itemsize is the stored
     basis on each rank; ``free`` the bytes available where it goes (``where``); ``tile_rows`` the
     rows per streamed tile (None: the basis is on the compute device and used in place).
+
+    A basis sharded like the parameters of an FSDP2 model (``shard_numel``: this rank's entries of
+    a row, c_r) stores rows x c_r per rank instead; ``held`` lists what the run already holds on the
+    rank (the model shard, the restore copy of the shards: reported, already outside ``free``) and
+    ``pending`` what every product still allocates (the gradient shard and float64 copies), which
+    must fit beside the basis.
     """
 
     m: int
@@ -88,10 +94,25 @@ class BasisPlan:
     device_free: int
     host_free: int
     tile_rows: Optional[int]
+    shard_numel: Optional[int] = None
+    held: dict = field(default_factory=dict)
+    pending: dict = field(default_factory=dict)
+
+    @property
+    def pending_bytes(self) -> int:
+        return int(sum(self.pending.values()))
 
     @property
     def fits(self) -> bool:
-        return self.bytes_per_rank <= FILL * self.free
+        if self.where != self.compute_device:    # the products' buffers are on the compute device
+            return self.bytes_per_rank <= FILL * self.free and self.pending_bytes <= FILL * self.device_free
+        return self.bytes_per_rank + self.pending_bytes <= FILL * self.free
+
+    def row_bytes(self, world_size: int) -> int:
+        """Bytes of one stored row on a rank: its parameter-shard entries, or ceil(P / world_size)."""
+        if self.shard_numel is not None and world_size == self.world_size:
+            return self.shard_numel * itemsize(self.dtype)
+        return math.ceil(self.P / world_size) * itemsize(self.dtype)
 
     @property
     def rows(self) -> int:
@@ -99,8 +120,8 @@ class BasisPlan:
 
     def largest_m(self, free: int, world_size: int) -> int:
         """The largest m whose basis fits in ``free`` bytes on each of ``world_size`` ranks."""
-        per_row = math.ceil(self.P / world_size) * itemsize(self.dtype)
-        blocks = int(FILL * free // (per_row * self.block_size))   # s + 1 blocks fit
+        per_row = max(self.row_bytes(world_size), 1)
+        blocks = int(max(FILL * free - self.pending_bytes, 0) // (per_row * self.block_size))   # s + 1 blocks fit
         return max((blocks - 1) * self.block_size, 0)
 
     def options(self) -> list:
@@ -111,14 +132,21 @@ class BasisPlan:
             ok = self.bytes_per_rank <= FILL * self.host_free
             opts.append(f"keep the basis in host memory, basis_device='cpu' ({format_bytes(self.host_free)} free "
                         f"there: {'fits' if ok else 'does not fit either'})")
-        need = math.ceil(full / (FILL * max(self.free, 1)))
-        if need > self.world_size:
-            opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
+        if self.shard_numel is not None:   # the per-product buffers shrink with the ranks as the basis does
+            need = math.ceil((full + self.pending_bytes * self.world_size) / max(FILL * self.free, 1))
+            if need > self.world_size:
+                opts.append(f"shard the model over more ranks (about {need}: the basis, shards and gradients per "
+                            "rank shrink as 1 / ranks; torchrun --nproc_per_node=N)")
+        else:
+            need = math.ceil(full / max(FILL * self.free, 1))
+            if need > self.world_size:
+                opts.append(f"shard the basis over >= {need} ranks (torchrun --nproc_per_node=N, shard_basis=True)")
         if self.dtype == torch.float64:
             opts.append("use dtype=torch.float32 (half of float64)")
         elif self.dtype == torch.float32:
             opts.append("use basis_dtype=torch.bfloat16 (half of float32)")
-        opts.append("or pass reorth='none' (three vectors; ghost eigenvalues appear)")
+        if self.shard_numel is None:       # an FSDP2 model's basis is always the full, sharded one
+            opts.append("or pass reorth='none' (three vectors; ghost eigenvalues appear)")
         return opts
 
     def __str__(self) -> str:
@@ -127,6 +155,11 @@ class BasisPlan:
                  f"(m = {self.m}, block size {self.block_size}) = {format_bytes(full)} in all; "
                  f"{format_bytes(self.bytes_per_rank)} per rank on {self.where} (world size {self.world_size}), "
                  f"{format_bytes(self.free)} free there: {'fits' if self.fits else 'does NOT fit'}."]
+        if self.shard_numel is not None:
+            terms = [f"{k} {format_bytes(v)}" for k, v in self.held.items()]
+            terms += [f"{k} {format_bytes(v)} (per product)" for k, v in self.pending.items()]
+            lines.append(f"Sharded like the parameters: {self.shard_numel:,} entries per row on this rank; "
+                         f"besides the basis: {', '.join(terms) or 'nothing'}.")
         if self.tile_rows is not None:
             lines.append(f"Streamed through {self.compute_device} in tiles of {self.tile_rows} rows.")
         if not self.fits or self.where != self.compute_device:
@@ -141,7 +174,9 @@ class BasisPlan:
 
 
 def plan_basis(m: int, P: int, dtype: torch.dtype, device: torch.device, *, world_size: int = 1,
-               basis_device: Any = None, block_size: int = 1, tile_bytes: int = TILE_BYTES) -> BasisPlan:
+               basis_device: Any = None, block_size: int = 1, tile_bytes: int = TILE_BYTES,
+               shard_numel: Optional[int] = None, held: Optional[dict] = None,
+               pending: Optional[dict] = None) -> BasisPlan:
     """Decide where the basis of ``m`` Lanczos steps goes and how it is streamed; allocates nothing.
 
     Args:
@@ -151,12 +186,16 @@ def plan_basis(m: int, P: int, dtype: torch.dtype, device: torch.device, *, worl
             basis (each stores ceil(P / world_size) entries of every row).
         basis_device: where the rows are stored (None: ``device``); another device streams them
             through ``device`` in tiles of at most ``tile_bytes``.
+        shard_numel: this rank's entries of every row when the basis is sharded like an FSDP2 model's
+            parameters (then ``world_size`` is the mesh size and ceil(P / world_size) is not used).
+        held, pending: ``{what: bytes}`` per rank besides the basis, already held (reported) and still to
+            be allocated by every product (must fit beside the basis); see :class:`BasisPlan`.
     """
     device = torch.device(device)
     where = device if basis_device is None else torch.device(basis_device)
     if where.type == "cuda" and where.index is None:
         where = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
-    chunk = math.ceil(P / world_size)
+    chunk = math.ceil(P / world_size) if shard_numel is None else int(shard_numel)
     size = itemsize(dtype)
     rows = basis_rows(m, block_size)
     per_rank = rows * chunk * size
@@ -167,4 +206,4 @@ def plan_basis(m: int, P: int, dtype: torch.dtype, device: torch.device, *, worl
     if where != device:
         tile_rows = max(1, min(rows, tile_bytes // max(chunk * size, 1)))
     return BasisPlan(m, P, dtype, world_size, block_size, device, where, per_rank, free, device_free, host_free,
-                     tile_rows)
+                     tile_rows, shard_numel, dict(held or {}), dict(pending or {}))
