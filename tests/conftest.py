@@ -11,8 +11,16 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (``pytest -n 2``) each worker gets its share of the cores: more OpenMP threads than
+# free cores slow torch's small kernels down several times over.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(autouse=True)
