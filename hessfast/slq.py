@@ -107,7 +107,10 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                                       announce=tqdm.write if progress else None)
     bar = tqdm(total=num_probes * m, desc=f"hessfast: lanczos ({op.curvature})", unit="step",
                disable=None if progress is None else not progress, leave=False)
-    probes = probe_vectors(num_probes, P, _runner.common_seed(op, seed), op.dtype, op.device)
+    # a basis sharded like the parameters: each rank draws only its entries of the probes (never a full vector)
+    local = runner.placement == "parameter-sharded"
+    ranges = op.shard_layout.ranges[op.shard_layout.rank] if local else None
+    probes = probe_vectors(num_probes, P, _runner.common_seed(op, seed), op.dtype, op.device, ranges=ranges)
     results, width = [], 0
     steps_each = planned_steps(m, 1, P)
     together = use_lockstep(lockstep, num_probes=num_probes, block_size=block_size, placement=runner.placement,
@@ -123,7 +126,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                 V = probes[first:first + block_size]
                 b = V.shape[0]
                 label = f" of probe {first}" if b == 1 else f" of probes {first}-{first + b - 1}"
-                res = runner(V, m, step_callback=lambda n, b=b: bar.update(n * b), where=label, seed=first)
+                res = runner(V, m, step_callback=lambda n, b=b: bar.update(n * b), where=label, seed=first,
+                             local=local)
                 results.append((first, res))
                 width = max(width, planned_steps(m, b, P) * b)
                 bar.update(max(m - res.size, 0) * b)   # a run that broke down: its remaining steps

@@ -12,7 +12,7 @@ components of its eigenvectors (Gauss-quadrature weights, Theorem 13) form the :
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -74,7 +74,48 @@ def lanczos_decomposition(matvec: Callable[[torch.Tensor], torch.Tensor], q0: to
     return run.run(m, keep_basis=keep_basis)
 
 
-def probe_vectors(num_probes: int, P: int, seed: Optional[int], dtype: torch.dtype, device: torch.device):
-    """Gaussian probes (num_probes, P), drawn on the CPU in float64 so a seed gives the same probes everywhere."""
+PROBE_CHUNK = 1 << 20   # entries per draw when only some entries are kept (a multiple of 16, see below)
+
+
+def probe_vectors(num_probes: int, P: int, seed: Optional[int], dtype: torch.dtype, device: torch.device,
+                  ranges: Optional[Sequence[Tuple[int, int]]] = None, chunk: int = PROBE_CHUNK) -> torch.Tensor:
+    """Gaussian probes (num_probes, P), drawn on the CPU in float64 so a seed gives the same probes everywhere.
+
+    With ``ranges`` (sorted, disjoint ``(start, stop)`` intervals of [0, P)) only those entries are kept:
+    (num_probes, sum of the lengths), the same numbers as the slices of the full draw, without ever holding
+    a full vector (a rank of an FSDP-sharded model draws just its shards' entries). The float64 stream is
+    drawn in pieces of ``chunk`` entries: torch's CPU normal sampler fills groups of 16, so pieces that are
+    multiples of 16 (and a last one of at least 16) give the same stream as one draw of all num_probes x P
+    numbers (tests/engine/test_probes.py checks this bit for bit).
+    """
     gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-    return torch.randn(num_probes, P, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    if ranges is None:
+        return torch.randn(num_probes, P, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    if chunk < 16 or chunk % 16:
+        raise ValueError(f"chunk must be a positive multiple of 16, got {chunk}")
+    ranges = [(int(a), int(b)) for a, b in ranges]
+    if any(b < a or a < 0 or b > P for a, b in ranges) or any(b0 > a1 for (_, b0), (a1, _) in zip(ranges, ranges[1:])):
+        raise ValueError(f"ranges must be sorted, disjoint intervals of [0, {P}), got {ranges}")
+    out = torch.empty(num_probes, sum(b - a for a, b in ranges), dtype=dtype, device=device)
+    starts = [0]
+    for a, b in ranges:
+        starts.append(starts[-1] + b - a)
+    for lo, hi in _stream_pieces(num_probes * P, chunk):
+        piece = torch.randn(hi - lo, generator=gen, dtype=torch.float64)
+        for i in range(lo // P, (hi - 1) // P + 1):          # the probes this piece of the stream covers
+            base = i * P
+            for r, (a, b) in enumerate(ranges):
+                x, y = max(base + a, lo), min(base + b, hi)
+                if y > x:
+                    pos = starts[r] + x - base - a
+                    out[i, pos:pos + y - x] = piece[x - lo:y - lo].to(device=device, dtype=dtype)
+    return out
+
+
+def _stream_pieces(total: int, chunk: int) -> list:
+    """[lo, hi) pieces of a stream of ``total`` draws: ``chunk`` each (a multiple of 16), the last one longer
+    rather than under 16 entries (torch draws fewer than 16 normals by another path)."""
+    edges = list(range(0, total, chunk)) + [total]
+    if len(edges) > 2 and edges[-1] - edges[-2] < 16:
+        del edges[-2]
+    return list(zip(edges[:-1], edges[1:]))

@@ -64,21 +64,29 @@ class Lanczos:
         return self.tol_abs if self.tol_abs is not None else 100 * self.eps * max(self.anorm, 1e-300)
 
     # ------------------------------------------------------------------ the first block
-    def start(self, V0: torch.Tensor) -> np.ndarray:
-        """Orthonormalise the probes V0 (b, P) (full vectors) into rows [0, b); returns R_0 (b, b)."""
+    def start(self, V0: torch.Tensor, local: bool = False) -> np.ndarray:
+        """Orthonormalise the probes V0 (b, P) (full vectors) into rows [0, b); returns R_0 (b, b).
+
+        ``local=True``: V0 is already in the basis's layout (b, c), e.g. this rank's entries of a basis
+        sharded like the parameters (:func:`~hessfast.engine.lanczos.probe_vectors` with ``ranges``).
+        """
         basis = self.basis
         V0 = V0.detach().to(device=basis.device, dtype=basis.dtype)
-        if V0.dim() != 2 or V0.shape != (basis.b, basis.P):
-            raise ValueError(f"the starting block must have shape ({basis.b}, {basis.P}), got {tuple(V0.shape)}")
-        norms = torch.linalg.vector_norm(V0.double(), dim=1)
+        width = V0.shape[-1] if local else basis.P
+        if V0.dim() != 2 or V0.shape != (basis.b, width):
+            raise ValueError(f"the starting block must have shape ({basis.b}, {width}), got {tuple(V0.shape)}")
+        if local:   # the squared norms are sums over the ranks' entries
+            norms = torch.sqrt(basis.reduce((V0.double() ** 2).sum(1)))
+        else:
+            norms = torch.linalg.vector_norm(V0.double(), dim=1)
         self.norms2 = (norms ** 2).cpu().numpy()
         if basis.b == 1:
-            n = torch.linalg.vector_norm(V0[0])
-            basis.write(0, basis.layout(V0 / n))
+            n = norms[0].to(V0.dtype) if local else torch.linalg.vector_norm(V0[0])
+            basis.write(0, V0 / n if local else basis.layout(V0 / n))
             self.R0 = np.array([[float(n)]])
             return self.R0
         tol0 = 100 * self.eps * float(norms.max())
-        Qn, B, _, status = self._next_block(0, basis.layout(V0), None, tol0)
+        Qn, B, _, status = self._next_block(0, V0 if local else basis.layout(V0), None, tol0)
         if status != "ok":
             raise ValueError("the starting block has no probe independent of the others (all are zero or "
                              "numerically dependent); pass probes drawn at random.")

@@ -115,15 +115,18 @@ class BasisLanczos:
 
     def __call__(self, q0: torch.Tensor, m: Optional[int] = None, *, keep_basis: bool = False,
                  breakdown_tol: Optional[float] = None, step_callback: Optional[Callable[[int], None]] = None,
-                 where: str = "", seed: Optional[int] = 0) -> LanczosResult:
+                 where: str = "", seed: Optional[int] = 0, local: bool = False) -> LanczosResult:
         """One run from the probe q0 (P,) or the block of probes (b, P), b <= block_size.
+
+        ``local=True``: q0 holds only this rank's entries in the basis's layout ((b, c) for a basis
+        sharded like the parameters: :func:`~hessfast.engine.lanczos.probe_vectors` with ``ranges``).
 
         ``m`` (default the planned m, at most it) is the Krylov dimension; ``keep_basis`` returns
         the stored rows (this rank's slices (k, c) of rows [rank c, (rank+1) c) when sharded);
         ``step_callback(b)`` runs after every block step; ``seed`` seeds the deflation vectors.
         """
         V0 = q0.reshape(1, -1) if q0.dim() == 1 else q0
-        b, P = V0.shape
+        b, P = V0.shape[0], (self.op.P if local else V0.shape[1])
         m = self.m if m is None else int(m)
         if b > self.block_size or m > self.m:
             raise ValueError(f"this runner was planned for blocks of <= {self.block_size} and m <= {self.m}; "
@@ -132,7 +135,7 @@ class BasisLanczos:
         basis = self._basis(b, s)
         run = Lanczos(self._product(basis, b), basis, breakdown_tol=breakdown_tol, seed=seed,
                       step_callback=step_callback, where=where)
-        run.start(V0.to(device=self.op.device, dtype=self.op.dtype))
+        run.start(V0.to(device=self.op.device, dtype=self.op.dtype), local=local)
         result = run.run(s, keep_basis=keep_basis)
         if self.placement == "parameter-sharded" and result.steps:   # finite-difference noise against |lambda|_max
             self.op.check_noise(float(max(abs(result.ritz()[0]))))
