@@ -41,7 +41,8 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
         data: one ``(inputs, targets)`` batch (the batch Hessian, eq. 3) or an iterable of batches such
             as a ``DataLoader`` (the empirical Hessian of the mean loss over all N samples, eq. 2).
         m: Lanczos steps per probe, 1 <= m <= P (the paper uses 100).
-        curvature: ``"hessian"`` or ``"ggn"``.
+        curvature: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` or ``"fisher"`` (Monte-Carlo; see
+            :class:`~hessfast.operators.FisherOperator`), or any registered curvature.
         loss_fn: a :class:`hessfast.losses.Loss` (e.g. ``hessfast.losses.causal_lm()``: the mean over all
             tokens of the data set) or a plain ``loss_fn(outputs, targets)``, mean or sum reduction;
             default ``hessfast.losses.cross_entropy()``.

@@ -283,6 +283,8 @@ def _add_estimators(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hessfast.operators import curvatures
+
     p = argparse.ArgumentParser(
         prog="hessfast", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Curvature spectra of neural networks and the batch-size learning-rate rules of "
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Spectral density of the Hessian or GGN of a model by stochastic Lanczos "
                                    "quadrature; writes spectrum JSON and a PNG.")
     add_model_data(s)
-    s.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    s.add_argument("--curvature", choices=list(curvatures()), default="hessian")
     # --steps as well as --m: torchrun refuses script options that abbreviate its own (--m of --master_*)
     s.add_argument("--steps", "--m", dest="m", type=int, default=100,
                    help="Lanczos steps m (default 100, as in the paper)")
@@ -313,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("variance", help="Hessian variance sigma2 (Algorithm 1) for the theory's predictions",
                        description="Per-element variance of the per-sample Hessian (or GGN): sigma2 of Theorems 4, 7.")
     add_model_data(v)
-    v.add_argument("--curvature", choices=["hessian", "ggn"], default="hessian")
+    v.add_argument("--curvature", choices=["hessian", "ggn", "empirical_fisher"], default="hessian")
     v.add_argument("--probes", type=positive_int, default=8, help="random probes (default 8)")
     v.add_argument("--variance-samples", type=positive_int, default=None, metavar="N",
                    help="estimate on N samples drawn without replacement (default: all)")

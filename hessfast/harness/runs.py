@@ -15,7 +15,6 @@ interrupted) are dropped, so a crash or Ctrl-C loses at most the current epoch.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional

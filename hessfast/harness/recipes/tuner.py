@@ -38,12 +38,10 @@ def run(folder: Path, params: Dict[str, Any], *, seed: int = 0, progress: bool =
         tune = {"rule": method, "every": params["tune_every"], "m": params["tune_m"], "variant": params["variant"]}
         r = Run(folder / method, {"train": cfg.to_dict(), "tuner": tune if method != "schedule" else None},
                 overwrite=overwrite)
-        make = None
-        if method != "schedule":
-            def make(model, opt, _m=method):
-                return CurvatureTuner(opt, model, every=params["tune_every"], m=params["tune_m"], rule=_m,
-                                      variant=params["variant"], seed=seed)
-        final = train(cfg, r, data, make_tuner=make, progress=progress)
+        def make(model, opt, _m=method):
+            return CurvatureTuner(opt, model, every=params["tune_every"], m=params["tune_m"], rule=_m,
+                                  variant=params["variant"], seed=seed)
+        final = train(cfg, r, data, make_tuner=None if method == "schedule" else make, progress=progress)
         ep = r.records("epoch")
         results[method] = final
         x = [e["epoch"] for e in ep]
