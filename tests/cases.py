@@ -145,3 +145,43 @@ def dense_ggn(case: Case, bn_mode: str = "eval") -> torch.Tensor:
     J = torch.autograd.functional.jacobian(outputs, flat).reshape(out.numel(), -1)
     H_out = torch.autograd.functional.hessian(lambda o: case.loss_fn(o.view_as(out), case.y), out.reshape(-1))
     return J.T @ H_out @ J
+
+
+# ------------------------------------------------------------------ shared test doubles
+class DenseOperator:
+    """A dense symmetric matrix through the linear operator protocol (matmat, P, dtype, device);
+    ``products`` counts the rows it has multiplied."""
+
+    def __init__(self, A):
+        self.A, self.P, self.dtype, self.device = A, A.shape[0], A.dtype, A.device
+        self.products = 0
+
+    def matmat(self, V):
+        self.products += V.shape[0]
+        return V @ self.A
+
+
+class FlakyLoader:
+    """Yields its batches normally for the first ``ok`` passes, then raises in the middle of a pass."""
+
+    def __init__(self, batches, ok):
+        self.batches, self.ok, self.passes = batches, ok, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        self.passes += 1
+        for i, b in enumerate(self.batches):
+            if self.passes > self.ok and i == len(self.batches) - 1:
+                raise RuntimeError("disk read failed on this rank")
+            yield b
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a spawned process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,7 +6,6 @@ single-process float64 runs. Each spawn is bounded by a deadline and uses 127.0.
 """
 import datetime
 import os
-import socket
 import tempfile
 import time
 
@@ -33,12 +32,6 @@ SHARDS = {2: [[(0, 7), (7, 25)], [(25, 40)]],
           3: [[(0, 13)], [], [(13, 21), (21, 40)]]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard(case, rank, world):
     return [(case.x[a:b], case.y[a:b]) for a, b in SHARDS[world][rank]]
 
@@ -47,23 +40,6 @@ def _per_sample_products(case, V):
     """Seeded stand-in for the per-sample HVPs u_{i,r} of sample i: (n, b, P), a function of i only."""
     g = torch.Generator().manual_seed(7)
     return torch.randn(len(case.y), V.shape[0], V.shape[1], generator=g, dtype=torch.float64)
-
-
-class FlakyLoader:
-    """Yields its batches normally for the first ``ok`` passes, then raises in the middle of a pass."""
-
-    def __init__(self, batches, ok):
-        self.batches, self.ok, self.passes = batches, ok, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        for i, b in enumerate(self.batches):
-            if self.passes > self.ok and i == len(self.batches) - 1:
-                raise RuntimeError("disk read failed on this rank")
-            yield b
 
 
 class ListState:
@@ -135,7 +111,7 @@ def _worker(rank, world, port, outdir):
     except Exception as exc:  # noqa: BLE001
         out["fail_build"] = (type(exc).__name__, str(exc), time.perf_counter() - start)
     for stage, shard in (("fail_product", False), ("fail_sharded_product", True)):  # all-reduce, reduce-scatter
-        flaky = FlakyLoader(data, ok=2 if rank == world - 1 else 10 ** 6)
+        flaky = cases.FlakyLoader(data, ok=2 if rank == world - 1 else 10 ** 6)
         start = time.perf_counter()
         try:
             hessfast.lanczos(case.model, flaky, m=5, seed=1, cache_graph=False, hvp_mode="reverse",
@@ -152,7 +128,7 @@ def _worker(rank, world, port, outdir):
 
 def _spawn(world):
     outdir = tempfile.mkdtemp(prefix=f"hessfast-dist{world}-")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, cases.free_port(), outdir), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + SPAWN_DEADLINE
     while not ctx.join(timeout=1.0):
@@ -426,7 +402,7 @@ def _variance_and_predict_checks(rank, world, case, data, out):
     res = hessfast.hessian_variance(case.model, data, num_probes=1, seed=None, progress=False)
     out["var/noseed"] = hd.context().all_gather_small(torch.as_tensor(res.per_probe["centred"]))
     # a rank whose loader raises inside the streaming loop stops every rank
-    flaky = FlakyLoader(data, ok=0 if rank == world - 1 else 10 ** 6)
+    flaky = cases.FlakyLoader(data, ok=0 if rank == world - 1 else 10 ** 6)
     start = time.perf_counter()
     try:
         hessfast.hessian_variance(case.model, flaky, route="vmap", **VAR_KW)

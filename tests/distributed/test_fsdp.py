@@ -14,7 +14,6 @@ the rounded weights [3.5e-3], the noise warning's threshold).
 import copy
 import datetime
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -38,29 +37,6 @@ SPAWN_DEADLINE = 240.0
 # batches per rank as row ranges of cases.mlp_case(n=40): uneven, and in world 3 rank 1 is empty
 SHARDS = {2: [[(0, 7), (7, 25)], [(25, 40)]],
           3: [[(0, 13)], [], [(13, 21), (21, 40)]]}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class FlakyLoader:
-    """Yields its batches normally for the first ``ok`` passes, then raises in the middle of a pass."""
-
-    def __init__(self, batches, ok):
-        self.batches, self.ok, self.passes = batches, ok, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        self.passes += 1
-        for i, b in enumerate(self.batches):
-            if self.passes > self.ok and i == len(self.batches) - 1:
-                raise RuntimeError("disk read failed on this rank")
-            yield b
 
 
 def _sharded(model, mp_policy=None):
@@ -185,7 +161,7 @@ def _worker(rank, world, port, outdir):
     _run(model16, data32, out, "spec16")
     out["untouched16"] = _same_state(before16, _state(model16))
     # a rank whose loader fails during a product stops every rank with its message; shards restored
-    flaky = FlakyLoader(data, ok=3 if rank == world - 1 else 10 ** 6)
+    flaky = cases.FlakyLoader(data, ok=3 if rank == world - 1 else 10 ** 6)
     start = time.perf_counter()
     try:
         hessfast.lanczos(model, flaky, m=5, seed=1, progress=False)
@@ -204,7 +180,7 @@ def _worker(rank, world, port, outdir):
 
 def _spawn(world):
     outdir = tempfile.mkdtemp(prefix=f"hessfast-fsdp{world}-")
-    ctx = mp.start_processes(_worker, args=(world, _free_port(), outdir), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, cases.free_port(), outdir), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + SPAWN_DEADLINE
     while not ctx.join(timeout=1.0):

@@ -8,16 +8,6 @@ import hessfast
 from hessfast.utils.model_state import snapshot
 
 
-class DenseOperator:
-    """A dense symmetric matrix through the linear operator protocol (matmat, P, dtype, device)."""
-
-    def __init__(self, A):
-        self.A, self.P, self.dtype, self.device = A, A.shape[0], A.dtype, A.device
-
-    def matmat(self, V):
-        return V @ self.A
-
-
 def rotated(evals, seed=0):
     evals = torch.as_tensor(evals, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
@@ -50,7 +40,7 @@ def test_xdiag_beats_hutchinson_on_a_low_rank_operator():
     g = torch.Generator().manual_seed(3)
     evals = torch.cat([torch.linspace(10, 1, 8, dtype=torch.float64), 1e-2 * torch.rand(192, generator=g,
                                                                                        dtype=torch.float64)])
-    op = DenseOperator(rotated(evals, seed=1))
+    op = cases.DenseOperator(rotated(evals, seed=1))
     exact = torch.diag(op.A)
     err = {m: np.mean([float((hessfast.diagonal(op, num_matvecs=40, method=m, seed=s).estimate - exact).abs().mean())
                        for s in range(30)]) for m in ("hutchinson", "xdiag")}
@@ -64,7 +54,7 @@ def test_stderr_per_coordinate_is_calibrated(method, band):
     # error bar is exact in expectation; XDiag's leave-one-out estimate is a heuristic that runs up to
     # 1.4x low (median |z| up to 0.9 measured), hence its wider band.
     A = rotated(1.0 / torch.arange(1, 201, dtype=torch.float64), seed=9)
-    op, exact = DenseOperator(A), torch.diag(A)
+    op, exact = cases.DenseOperator(A), torch.diag(A)
     z = torch.cat([(lambda r: (r.estimate - exact) / r.stderr)(hessfast.diagonal(op, num_matvecs=40, method=method,
                                                                                    seed=s)) for s in range(40)])
     med = float(z.abs().median())
@@ -100,7 +90,7 @@ def test_as_parameters_skips_frozen_parameters():
 
 
 def test_protocol_operator_without_names_has_a_flat_result_only():
-    res = hessfast.diagonal(DenseOperator(torch.eye(30, dtype=torch.float64)), num_matvecs=10, seed=1)
+    res = hessfast.diagonal(cases.DenseOperator(torch.eye(30, dtype=torch.float64)), num_matvecs=10, seed=1)
     assert res.estimate.shape == (30,) and res.stderr.shape == (30,)
     with pytest.raises(ValueError, match="gives no parameter names"):
         res.as_parameters()
@@ -109,19 +99,19 @@ def test_protocol_operator_without_names_has_a_flat_result_only():
 def test_xdiag_exact_on_a_matrix_of_rank_below_the_sketch():
     # rank 4 < 10 test vectors: the sketch spans the range, so diag(QQ^T A) is diag(A) and the rest is 0
     A = rotated(torch.cat([torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.zeros(56)]), seed=2)
-    res = hessfast.diagonal(DenseOperator(A), num_matvecs=20, method="xdiag")
+    res = hessfast.diagonal(cases.DenseOperator(A), num_matvecs=20, method="xdiag")
     torch.testing.assert_close(res.estimate, torch.diag(A), rtol=0, atol=1e-10)
 
 
 def test_float32_operator_matches_float64_to_its_precision():
     A = rotated(torch.linspace(0.1, 2, 80), seed=4)
-    a = hessfast.diagonal(DenseOperator(A), num_matvecs=30, seed=5).estimate
-    b = hessfast.diagonal(DenseOperator(A.float()), num_matvecs=30, seed=5).estimate
+    a = hessfast.diagonal(cases.DenseOperator(A), num_matvecs=30, seed=5).estimate
+    b = hessfast.diagonal(cases.DenseOperator(A.float()), num_matvecs=30, seed=5).estimate
     assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
 
 
 def test_bad_input_is_refused():
-    op = DenseOperator(torch.eye(12, dtype=torch.float64))
+    op = cases.DenseOperator(torch.eye(12, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown method"):
         hessfast.diagonal(op, method="xtrace")
     with pytest.raises(ValueError, match="num_matvecs >= 2"):
@@ -139,8 +129,8 @@ def test_bad_input_is_refused():
 @pytest.mark.parametrize("method", ["hutchinson", "xdiag"])
 def test_cuda_operator_gives_the_cpu_estimate(method):
     A = rotated(torch.linspace(0, 4, 300), seed=10)
-    cpu = hessfast.diagonal(DenseOperator(A), num_matvecs=40, method=method, seed=4)
-    gpu = hessfast.diagonal(DenseOperator(A.cuda()), num_matvecs=40, method=method, seed=4)
+    cpu = hessfast.diagonal(cases.DenseOperator(A), num_matvecs=40, method=method, seed=4)
+    gpu = hessfast.diagonal(cases.DenseOperator(A.cuda()), num_matvecs=40, method=method, seed=4)
     assert gpu.estimate.device.type == "cpu"
     torch.testing.assert_close(gpu.estimate, cpu.estimate, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(gpu.stderr, cpu.stderr, rtol=1e-7, atol=1e-12)

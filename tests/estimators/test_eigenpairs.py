@@ -8,18 +8,6 @@ import hessfast
 from hessfast.utils.model_state import snapshot
 
 
-class DenseOperator:
-    """A dense symmetric matrix through the linear operator protocol; counts the rows it multiplies."""
-
-    def __init__(self, A):
-        self.A, self.P, self.dtype, self.device = A, A.shape[0], A.dtype, A.device
-        self.products = 0
-
-    def matmat(self, V):
-        self.products += V.shape[0]
-        return V @ self.A
-
-
 class Counting:
     """A curvature operator behind the protocol, counting the rows it multiplies."""
 
@@ -95,7 +83,7 @@ def test_values_vectors_and_residuals_match_the_dense_truth(mlp_hessian, which):
 def test_a_triple_eigenvalue_is_found_three_times_with_blocks_of_three():
     evals = np.concatenate([np.linspace(-1.0, 3.0, 117), [5.0, 5.0, 5.0]])
     A = rotated(evals, seed=3)
-    top = hessfast.eigenpairs(DenseOperator(A), k=4, which="LA", block_size=3, max_subspace=30, seed=0)
+    top = hessfast.eigenpairs(cases.DenseOperator(A), k=4, which="LA", block_size=3, max_subspace=30, seed=0)
     np.testing.assert_allclose(top.values, [5.0, 5.0, 5.0, 3.0], rtol=0, atol=1e-9)
     U = torch.linalg.eigh(A)[1][:, -3:].T                   # the 3-dimensional eigenspace of 5
     assert sin_angle(top.vectors[:3], U) <= 1e-8
@@ -106,7 +94,7 @@ def test_an_invariant_krylov_space_restarts_from_a_fresh_vector():
     # two distinct eigenvalues: one vector's Krylov space is invariant after 2 steps; the copies of 5
     # beyond the first come from fresh vectors orthogonal to the kept ones
     A = rotated(np.concatenate([np.full(20, 5.0), np.full(80, 1.0)]), seed=11)
-    top = hessfast.eigenpairs(DenseOperator(A), k=3, which="LA", max_subspace=8, seed=0)
+    top = hessfast.eigenpairs(cases.DenseOperator(A), k=3, which="LA", max_subspace=8, seed=0)
     assert top.converged
     np.testing.assert_allclose(top.values, [5.0, 5.0, 5.0], rtol=0, atol=1e-10)
     X = top.vectors
@@ -116,7 +104,7 @@ def test_an_invariant_krylov_space_restarts_from_a_fresh_vector():
 
 def test_largest_magnitude_takes_the_negative_end_when_it_is_larger():
     A = rotated(np.concatenate([np.linspace(-1.0, 1.0, 150), [-9.0, -8.0, 7.0]]), seed=13)
-    top = hessfast.eigenpairs(DenseOperator(A), k=3, which="LM", max_subspace=20)
+    top = hessfast.eigenpairs(cases.DenseOperator(A), k=3, which="LM", max_subspace=20)
     np.testing.assert_allclose(top.values, [-9.0, -8.0, 7.0], rtol=0, atol=1e-9)
 
 
@@ -131,7 +119,7 @@ def test_restarts_happen_with_a_small_subspace_and_still_converge(mlp_hessian):
 
 def test_num_matvecs_counts_every_product_of_the_operator():
     A = rotated(np.linspace(-2.0, 6.0, 150) ** 3, seed=5)
-    op = DenseOperator(A)
+    op = cases.DenseOperator(A)
     top = hessfast.eigenpairs(op, k=6, which="BE", max_subspace=20, seed=2)
     assert top.converged and top.meta["restarts"] >= 1
     assert top.num_matvecs == op.products > 0
@@ -185,7 +173,7 @@ def test_save_and_load_round_trip(tmp_path, mlp_hessian):
 def test_not_converging_warns_and_says_so():
     A = rotated(np.linspace(0.0, 1.0, 200), seed=7)            # no gaps: slow convergence
     with pytest.warns(RuntimeWarning, match="not converged after 1 restarts"):
-        top = hessfast.eigenpairs(DenseOperator(A), k=5, max_subspace=12, max_restarts=1)
+        top = hessfast.eigenpairs(cases.DenseOperator(A), k=5, max_subspace=12, max_restarts=1)
     assert not top.converged and top.meta["restarts"] == 1
 
 

@@ -11,18 +11,6 @@ from hessfast.estimators.trace_estimators import xtrace_terms
 from hessfast.utils.model_state import snapshot
 
 
-class DenseOperator:
-    """A dense symmetric matrix through the linear operator protocol (matmat, P, dtype, device)."""
-
-    def __init__(self, A):
-        self.A, self.P, self.dtype, self.device = A, A.shape[0], A.dtype, A.device
-        self.products = 0
-
-    def matmat(self, V):
-        self.products += V.shape[0]
-        return V @ self.A
-
-
 def rotated(evals, seed=0):
     """Q diag(evals) Q^T for a seeded random orthogonal Q (float64)."""
     evals = torch.as_tensor(evals, dtype=torch.float64)
@@ -79,7 +67,7 @@ def test_model_and_data_build_the_operator_and_the_model_is_untouched():
 def test_hutchpp_and_xtrace_beat_hutchinson_on_a_low_rank_operator():
     # rank 10 with eigenvalues 10..1 plus noise of size 1e-2 on P = 200: a sketch of 13 (Hutch++) or
     # 20 (XTrace) vectors captures the top, leaving only the noise; Hutchinson sees all of ||A||_F.
-    op = DenseOperator(low_rank_plus_noise())
+    op = cases.DenseOperator(low_rank_plus_noise())
     exact = float(torch.trace(op.A))
     mae = {m: np.mean([abs(hessfast.trace(op, num_matvecs=40, method=m, seed=s).estimate - exact)
                        for s in range(30)]) for m in METHODS}
@@ -99,7 +87,7 @@ def test_stderr_is_calibrated(method, spectrum):
     evals = {"low_rank": None, "flat": torch.randn(P, generator=g, dtype=torch.float64),
              "decaying": 1.0 / torch.arange(1, P + 1, dtype=torch.float64) ** 1.5}[spectrum]
     A = low_rank_plus_noise(P) if evals is None else rotated(evals, seed=2)
-    op, exact = DenseOperator(A), float(torch.trace(A))
+    op, exact = cases.DenseOperator(A), float(torch.trace(A))
     z = []
     for s in range(200):
         r = hessfast.trace(op, num_matvecs=40, method=method, seed=s)
@@ -110,7 +98,7 @@ def test_stderr_is_calibrated(method, spectrum):
 
 
 def test_interval_covers_at_its_level():
-    op = DenseOperator(rotated(torch.linspace(-1, 3, 120), seed=4))
+    op = cases.DenseOperator(rotated(torch.linspace(-1, 3, 120), seed=4))
     exact = float(torch.trace(op.A))
     cover = np.mean([lo <= exact <= hi for lo, hi in
                      (hessfast.trace(op, num_matvecs=20, method="hutchinson", seed=s).interval(0.9)
@@ -140,14 +128,14 @@ def test_xtrace_terms_match_their_definition():
 def test_xtrace_handles_an_exactly_rank_deficient_sketch():
     # rank 3 < 10 test vectors: Y = A Omega is singular, R has zero pivots; the trace is then found exactly.
     A = rotated(torch.cat([torch.tensor([5.0, 2.0, 1.0]), torch.zeros(47)]), seed=3)
-    res = hessfast.trace(DenseOperator(A), num_matvecs=20, method="xtrace", seed=0)
+    res = hessfast.trace(cases.DenseOperator(A), num_matvecs=20, method="xtrace", seed=0)
     assert res.estimate == pytest.approx(8.0, abs=1e-8)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_of_P_or_more_gives_the_exact_trace(method):
     A = rotated(torch.linspace(-1, 2, 31), seed=5)
-    op = DenseOperator(A)
+    op = cases.DenseOperator(A)
     res = hessfast.trace(op, num_matvecs=40, method=method)
     assert res.method == "exact" and res.num_matvecs == 31 == op.products and res.stderr == 0
     assert res.estimate == pytest.approx(float(torch.trace(A)), abs=1e-12)
@@ -157,7 +145,7 @@ def test_budget_of_P_or_more_gives_the_exact_trace(method):
 @pytest.mark.parametrize("method,used", [("hutchinson", 41), ("hutch++", 41), ("xtrace", 40)])
 def test_products_counted_and_independent_of_the_block_size(method, used):
     A = rotated(torch.linspace(0, 3, 97), seed=6)
-    one, many = DenseOperator(A), DenseOperator(A)
+    one, many = cases.DenseOperator(A), cases.DenseOperator(A)
     a = hessfast.trace(one, num_matvecs=41, method=method, seed=11, max_block=1)
     b = hessfast.trace(many, num_matvecs=41, method=method, seed=11, max_block=7)
     assert a.num_matvecs == b.num_matvecs == used == one.products == many.products
@@ -181,7 +169,7 @@ def test_bad_input_is_refused_with_what_to_do(mlp_hessian):
     with pytest.raises(ValueError, match="curvature='ggn' but the operator passed is the 'hessian'"):
         hessfast.trace(op, curvature="ggn")
 
-    class Broken(DenseOperator):
+    class Broken(cases.DenseOperator):
         def matmat(self, V):
             out = super().matmat(V)
             out[0, 0] = float("nan")
@@ -194,8 +182,8 @@ def test_bad_input_is_refused_with_what_to_do(mlp_hessian):
 def test_probes_are_the_same_on_every_device_and_dtype():
     # Rademacher entries are drawn on the CPU: a float32 operator sees exactly the float64 probes' signs.
     A = rotated(torch.linspace(0, 1, 50), seed=8)
-    a = hessfast.trace(DenseOperator(A), num_matvecs=10, method="hutchinson", seed=2)
-    b = hessfast.trace(DenseOperator(A.float()), num_matvecs=10, method="hutchinson", seed=2)
+    a = hessfast.trace(cases.DenseOperator(A), num_matvecs=10, method="hutchinson", seed=2)
+    b = hessfast.trace(cases.DenseOperator(A.float()), num_matvecs=10, method="hutchinson", seed=2)
     np.testing.assert_allclose(a.samples, b.samples, rtol=1e-5)
 
 
@@ -204,6 +192,6 @@ def test_probes_are_the_same_on_every_device_and_dtype():
 def test_cuda_operator_gives_the_cpu_estimate(method):
     # the probes come from the CPU generator, so only the arithmetic differs between the devices
     A = rotated(torch.linspace(-1, 4, 300), seed=10)
-    cpu = hessfast.trace(DenseOperator(A), num_matvecs=40, method=method, seed=4)
-    gpu = hessfast.trace(DenseOperator(A.cuda()), num_matvecs=40, method=method, seed=4)
+    cpu = hessfast.trace(cases.DenseOperator(A), num_matvecs=40, method=method, seed=4)
+    gpu = hessfast.trace(cases.DenseOperator(A.cuda()), num_matvecs=40, method=method, seed=4)
     assert gpu.estimate == pytest.approx(cpu.estimate, rel=1e-9) and gpu.stderr == pytest.approx(cpu.stderr, rel=1e-7)

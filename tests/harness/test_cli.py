@@ -7,20 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hessfast.harness.cli import main
 
 pytestmark = pytest.mark.slow  # end-to-end runs of the harness and the CLI
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits on its own errors
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -35,7 +25,7 @@ def _run(capsys, *argv):
     (["spectrum", "--data", "mnist"], "unknown data set 'mnist'"),
     (["spectrum", "--model", "no_such_module:f"], "cannot import module 'no_such_module'"),
     (["spectrum", "--m", "0"], "--m must be >= 1"),
-    (["spectrum", "--curvature", "fisher"], "invalid choice: 'fisher'"),
+    (["spectrum", "--curvature", "kfac"], "invalid choice: 'kfac'"),
     (["spectrum", "--checkpoint", "/nonexistent/w.pt"], "does not exist"),
     (["spectrum", "--data", "cifar10", "--data-arg", "root=/nonexistent"], "cifar-10-batches-bin"),
     (["spectrum", "--float64", "--bf16-basis"], "not allowed with argument"),
@@ -44,30 +34,30 @@ def _run(capsys, *argv):
     (["variance", "--probes", "-2"], "positive integer"),
     (["demo", "--epochs", "0"], "positive integer"),
 ])
-def test_bad_arguments_exit_nonzero_with_a_clear_message(capsys, argv, message):
-    code, out, err = _run(capsys, *argv)
+def test_bad_arguments_exit_nonzero_with_a_clear_message(run_cli, argv, message):
+    code, out, err = run_cli(*argv)
     assert code != 0
     assert message in out + err
 
 
-def test_help_explains_each_command(capsys):
+def test_help_explains_each_command(run_cli):
     for cmd, words in [("spectrum", "Lanczos"), ("variance", "variance"), ("predict", "batch size"),
                        ("run", "resumes"), ("demo", "digits")]:
-        code, out, _ = _run(capsys, cmd, "--help")
+        code, out, _ = run_cli(cmd, "--help")
         assert code == 0 and words in out and "--out" in out
-    code, out, _ = _run(capsys, "run", "--list")
+    code, out, _ = run_cli("run", "--list")
     assert code == 0 and all(r in out for r in ("track", "lr-scaling", "augmentation"))
 
 
-def test_spectrum_command_writes_json_and_png(capsys, tmp_path):
-    code, out, err = _run(capsys, "-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits",
+def test_spectrum_command_writes_json_and_png(run_cli, tmp_path):
+    code, out, err = run_cli("-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits",
                           "--m", "12", "--max-samples", "200", "--curvature", "ggn", "--out", str(tmp_path))
     assert code == 0, err
     spec = json.loads((tmp_path / "spectrum_ggn_full.json").read_text())
     assert spec["meta"]["N"] == 200 and len(spec["ritz_values"][0]) == 12
     assert (tmp_path / "spectrum_ggn_full.png").stat().st_size > 1000
     assert "lambda_max" in out
-    code, out, err = _run(capsys, "-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits",
+    code, out, err = run_cli("-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits",
                           "--m", "12", "--max-samples", "200", "--curvature", "ggn", "--bf16-basis",
                           "--out", str(tmp_path / "bf16"))
     assert code == 0, err
@@ -77,7 +67,7 @@ def test_spectrum_command_writes_json_and_png(capsys, tmp_path):
     assert abs(lmax_half - lmax) <= 1e-3 * abs(lmax)
 
 
-def test_spectrum_under_torchrun_equals_one_process(capsys, tmp_path):
+def test_spectrum_under_torchrun_equals_one_process(run_cli, tmp_path):
     import socket
 
     with socket.socket() as sock:
@@ -85,7 +75,7 @@ def test_spectrum_under_torchrun_equals_one_process(capsys, tmp_path):
         port = sock.getsockname()[1]
     common = ["-q", "spectrum", "--model", "mlp", "--model-arg", "hidden=[16]", "--data", "digits", "--steps", "10",
               "--max-samples", "301", "--float64"]
-    code, _, err = _run(capsys, *common, "--out", str(tmp_path / "one"))
+    code, _, err = run_cli(*common, "--out", str(tmp_path / "one"))
     assert code == 0, err
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -100,11 +90,11 @@ def test_spectrum_under_torchrun_equals_one_process(capsys, tmp_path):
         assert abs(a - b) <= 1e-9 * abs(one["ritz_values"][0][-1])
 
 
-def test_spectrum_loads_a_checkpoint_that_does_not_fit(capsys, tmp_path):
+def test_spectrum_loads_a_checkpoint_that_does_not_fit(run_cli, tmp_path):
     import torch
 
     torch.save({"weight": torch.zeros(2, 2)}, tmp_path / "w.pt")
-    code, _, err = _run(capsys, "-q", "spectrum", "--checkpoint", str(tmp_path / "w.pt"), "--out", str(tmp_path))
+    code, _, err = run_cli("-q", "spectrum", "--checkpoint", str(tmp_path / "w.pt"), "--out", str(tmp_path))
     assert code == 2 and "does not fit model 'mlp'" in err
 
 
@@ -115,8 +105,8 @@ def test_entry_point_runs_as_a_module():
     assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
 
 
-def test_demo_prints_the_table_and_writes_json_and_plots(capsys, tmp_path):
-    code, out, err = _run(capsys, "-q", "demo", "--epochs", "1", "--num-batches", "2", "--m", "12",
+def test_demo_prints_the_table_and_writes_json_and_plots(run_cli, tmp_path):
+    code, out, err = run_cli("-q", "demo", "--epochs", "1", "--num-batches", "2", "--m", "12",
                           "--out", str(tmp_path))
     assert code == 0, err
     res = json.loads((tmp_path / "demo.json").read_text())
@@ -133,18 +123,18 @@ def test_demo_prints_the_table_and_writes_json_and_plots(capsys, tmp_path):
     assert "max SGD lr" in out and "HESSIAN" in out and "GGN" in out
 
 
-def test_variance_predict_and_run_commands(capsys, tmp_path):
+def test_variance_predict_and_run_commands(run_cli, tmp_path):
     common = ["--model-arg", "hidden=[16]", "--max-samples", "300", "--out", str(tmp_path)]
-    code, out, err = _run(capsys, "-q", "variance", "--probes", "2", *common)
+    code, out, err = run_cli("-q", "variance", "--probes", "2", *common)
     assert code == 0, err
     var = json.loads((tmp_path / "variance_hessian.json").read_text())
     assert var["N"] == 300 and var["sigma2"] > 0
-    code, out, err = _run(capsys, "-q", "predict", "--batch-sizes", "16,64", "--num-batches", "2", *common)
+    code, out, err = run_cli("-q", "predict", "--batch-sizes", "16,64", "--num-batches", "2", *common)
     assert code == 0, err
     assert (tmp_path / "predict_hessian.json").exists() and (tmp_path / "predict_hessian.png").exists()
-    code, _, err = _run(capsys, "-q", "predict", "--batch-sizes", "16,512", *common)
+    code, _, err = run_cli("-q", "predict", "--batch-sizes", "16,512", *common)
     assert code == 2 and "exceed the 300 training samples" in err
-    code, out, err = _run(capsys, "-q", "run", "outliers", "--scale", "tiny", "--set", "epochs=1",
+    code, out, err = run_cli("-q", "run", "outliers", "--scale", "tiny", "--set", "epochs=1",
                           "--out", str(tmp_path / "runs"))
     assert code == 0, err
     res = json.loads((tmp_path / "runs" / "outliers-tiny" / "results.json").read_text())

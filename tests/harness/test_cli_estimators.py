@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import hessfast
-from hessfast.harness.cli import main
 from hessfast.harness.data import load_data
 from hessfast.harness.measure import full_loader
 from hessfast.harness.models import build_model
@@ -15,15 +14,6 @@ from hessfast.harness.models import build_model
 pytestmark = pytest.mark.slow  # end-to-end runs of the CLI
 
 COMMON = ["--model", "mlp", "--model-arg", "hidden=[8]", "--data", "digits", "--max-samples", "150", "--float64"]
-
-
-def _run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse exits on its own errors
-        code = e.code
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +25,10 @@ def operator():
     return hessfast.CurvatureOperator(model, full_loader(data), dtype=torch.float64)
 
 
-def test_eigenpairs_command_matches_arpack_and_writes_json_vectors_and_png(capsys, tmp_path, operator):
+def test_eigenpairs_command_matches_arpack_and_writes_json_vectors_and_png(run_cli, tmp_path, operator):
     from scipy.sparse.linalg import eigsh
 
-    code, out, err = _run(capsys, "-q", "eigenpairs", *COMMON, "--k", "3", "--out", str(tmp_path))
+    code, out, err = run_cli("-q", "eigenpairs", *COMMON, "--k", "3", "--out", str(tmp_path))
     assert code == 0, err
     stem = tmp_path / "eigenpairs_hessian_LA"
     saved = json.loads(stem.with_suffix(".json").read_text())
@@ -50,8 +40,8 @@ def test_eigenpairs_command_matches_arpack_and_writes_json_vectors_and_png(capsy
     assert stem.with_suffix(".png").stat().st_size > 1000 and "values" in out
 
 
-def test_trace_command_is_within_its_error_bars_of_the_exact_trace(capsys, tmp_path, operator):
-    code, out, err = _run(capsys, "-q", "trace", *COMMON, "--method", "xtrace", "--num-matvecs", "40",
+def test_trace_command_is_within_its_error_bars_of_the_exact_trace(run_cli, tmp_path, operator):
+    code, out, err = run_cli("-q", "trace", *COMMON, "--method", "xtrace", "--num-matvecs", "40",
                           "--out", str(tmp_path))
     assert code == 0, err
     saved = json.loads((tmp_path / "trace_hessian_xtrace.json").read_text())
@@ -62,8 +52,8 @@ def test_trace_command_is_within_its_error_bars_of_the_exact_trace(capsys, tmp_p
     assert (tmp_path / "trace_hessian_xtrace.png").stat().st_size > 1000 and "trace =" in out
 
 
-def test_blocks_command_gives_the_extremes_of_a_dense_block(capsys, tmp_path, operator):
-    code, out, err = _run(capsys, "-q", "blocks", *COMMON, "--m", "90", "--out", str(tmp_path))
+def test_blocks_command_gives_the_extremes_of_a_dense_block(run_cli, tmp_path, operator):
+    code, out, err = run_cli("-q", "blocks", *COMMON, "--m", "90", "--out", str(tmp_path))
     assert code == 0, err
     saved = json.loads((tmp_path / "blocks_hessian.json").read_text())
     assert saved["groups"] == {"net.1": ["net.1.weight", "net.1.bias"], "net.3": ["net.3.weight", "net.3.bias"]}
@@ -73,7 +63,7 @@ def test_blocks_command_gives_the_extremes_of_a_dense_block(capsys, tmp_path, op
     assert head.P == 90
     np.testing.assert_allclose([head.lambda_max, head.lambda_min], [ev.max(), ev.min()], rtol=0, atol=1e-10)
     assert (tmp_path / "blocks_hessian.png").stat().st_size > 1000 and "lambda_max" in out
-    code, _, err = _run(capsys, "-q", "blocks", *COMMON, "--m", "5", "--blocks", '{"head": ["net.3.bias"]}',
+    code, _, err = run_cli("-q", "blocks", *COMMON, "--m", "5", "--blocks", '{"head": ["net.3.bias"]}',
                         "--out", str(tmp_path / "one"))
     assert code == 0, err
     assert list(json.loads((tmp_path / "one" / "blocks_hessian.json").read_text())["spectra"]) == ["head"]
@@ -87,14 +77,14 @@ def test_blocks_command_gives_the_extremes_of_a_dense_block(capsys, tmp_path, op
     (["trace", "--method", "exact"], "invalid choice: 'exact'"),
     (["trace", "--curvature", "bogus"], "invalid choice: 'bogus'"),
 ])
-def test_bad_arguments_exit_nonzero_with_a_clear_message(capsys, argv, message):
-    code, out, err = _run(capsys, *argv)
+def test_bad_arguments_exit_nonzero_with_a_clear_message(run_cli, argv, message):
+    code, out, err = run_cli(*argv)
     assert code != 0
     assert message in out + err
 
 
-def test_help_lists_the_estimator_commands(capsys):
-    code, out, _ = _run(capsys, "--help")
+def test_help_lists_the_estimator_commands(run_cli):
+    code, out, _ = run_cli("--help")
     assert code == 0 and all(c in out for c in ("eigenpairs", "trace", "blocks"))
-    code, out, _ = _run(capsys, "eigenpairs", "--help")
+    code, out, _ = run_cli("eigenpairs", "--help")
     assert code == 0 and "--which" in out and "--max-subspace" in out

@@ -4,7 +4,6 @@ Truth is built without hessfast: a deep copy of the model in eval mode, one ``to
 per sample (or per class / draw), and the per-sample loss written out by hand.
 """
 import copy
-import math
 import warnings
 
 import pytest
