@@ -53,6 +53,27 @@ def small_mlp():
 WORKLOADS = {"small": small_mlp, "mlp": mlp, "cnn": SmallCNN}
 
 
+def tiny_gpt2():
+    """(model, batches, loss) of a GPT-2 with P = 19,712 (2 layers, width 32, vocabulary 64) on 64 random
+    sequences of 16 tokens in dict batches of 16, causal-LM loss (the mean over all predicted tokens)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                                  bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids[i:i + 16], "labels": ids[i:i + 16]} for i in range(0, 64, 16)]
+    return transformers.GPT2LMHeadModel(cfg), batches, hessfast.losses.causal_lm()
+
+
+def eig_workload(name):
+    """(model, data, loss_fn or None) of an eigenpairs workload: the digits models, or ``gpt2``."""
+    if name == "gpt2":
+        return tiny_gpt2()
+    return WORKLOADS[name](), digits_batches(), None
+
+
 def pyhessian_trace(model, loader, budget, seed):
     """PyHessian's trace() with ``budget`` Hutchinson vectors, or None with the reason it did not run."""
     try:
@@ -149,9 +170,8 @@ def run_eigenpairs(name, args, rec):
     settings = [(torch.float32, 1e-5)] + ([(torch.float64, 1e-10)] if name in args.float64.split(",") else [])
     for dtype, tol in settings:
         torch.manual_seed(0)
-        model = WORKLOADS[name]()
-        loader = digits_batches()
-        op = hessfast.CurvatureOperator(model, loader, dtype=dtype, cache_graph=True)
+        model, loader, loss_fn = eig_workload(name)
+        op = hessfast.CurvatureOperator(model, loader, dtype=dtype, cache_graph=True, loss_fn=loss_fn)
         lin, count = counted_scipy(op)
         ours, theirs, gaps = [], [], []
         for seed in range(args.eig_seeds):
@@ -176,7 +196,7 @@ def run_eigenpairs(name, args, rec):
                 max_rel_diff_vs_arpack=0.0)
         print(f"{name} {dtype}: eigenpairs {[o[0] for o in ours]} products, ARPACK {[t[0] for t in theirs]}; "
               f"max |diff| / lambda_1 = {max(gaps):.1e}", flush=True)
-        if dtype == torch.float32 and not args.no_peers:
+        if dtype == torch.float32 and not args.no_peers and loss_fn is None:   # PyHessian: criterion(out, y)
             vals, secs, why = pyhessian_top(model, loader, k, tol)
             if vals is None:
                 print(f"  pyhessian: {why}", flush=True)
@@ -216,7 +236,7 @@ def main():
     parser.add_argument("--float64", default="mlp",
                         help="workloads also run in float64 at tol 1e-10 (--part eigenpairs; a float64 CNN "
                              "product takes about 2 s on one core)")
-    parser.add_argument("--workloads", default="small", help=f"comma-separated from {sorted(WORKLOADS)}")
+    parser.add_argument("--workloads", default="small", help=f"comma-separated from {sorted(WORKLOADS)} (and gpt2 for --part eigenpairs)")
     parser.add_argument("--budgets", default="10,30,100,300", help="numbers of products")
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None)
@@ -231,8 +251,8 @@ def main():
               "blocks": f"hessfast.block_spectra(m={args.m}, 'module') against one full lanczos(m={args.m})"}
     rec = Recorder(titles[args.part])
     for name in args.workloads.split(","):
-        if name not in WORKLOADS:
-            parser.error(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
+        if name not in WORKLOADS and not (name == "gpt2" and args.part == "eigenpairs"):
+            parser.error(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)} (gpt2: --part eigenpairs)")
         PARTS[args.part](name, args, rec)
     print()
     print(rec.table())
