@@ -185,3 +185,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def spawn_group(worker, world: int, deadline: float, what: str) -> list:
+    """Run ``worker(rank, world, port, outdir)`` on ``world`` spawned processes (a gloo group on 127.0.0.1);
+    each rank saves its results to ``outdir/rank{r}.pt``; returns them in rank order. Fails the test when
+    the spawn is not done within ``deadline`` seconds (the processes are killed)."""
+    import os
+    import tempfile
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    outdir = tempfile.mkdtemp(prefix=f"hessfast-{what}{world}-")
+    ctx = mp.start_processes(worker, args=(world, free_port(), outdir), nprocs=world, join=False,
+                             start_method="spawn")
+    stop = time.monotonic() + deadline
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > stop:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world}-rank {what} spawn did not finish within {deadline:.0f} s")
+    # the ranks' own result files: tensors, numpy arrays and strings written by this test's worker
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -14,13 +14,11 @@ the rounded weights [3.5e-3], the noise warning's threshold).
 import copy
 import datetime
 import os
-import tempfile
 import time
 import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import hessfast
 from hessfast import distributed as hd
@@ -179,16 +177,7 @@ def _worker(rank, world, port, outdir):
 
 
 def _spawn(world):
-    outdir = tempfile.mkdtemp(prefix=f"hessfast-fsdp{world}-")
-    ctx = mp.start_processes(_worker, args=(world, cases.free_port(), outdir), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + SPAWN_DEADLINE
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world}-rank FSDP spawn did not finish within {SPAWN_DEADLINE:.0f} s")
-    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return cases.spawn_group(_worker, world, SPAWN_DEADLINE, "fsdp")
 
 
 _SPAWNED: dict = {}
