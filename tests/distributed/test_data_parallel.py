@@ -121,7 +121,7 @@ def _worker(rank, world, port, outdir):
     # the group still works after the propagated errors
     hd.context().guard(lambda: None, "a final check")
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    cases.end_worker()
 
 
 def _spawn(world):

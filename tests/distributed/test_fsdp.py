@@ -173,7 +173,7 @@ def _worker(rank, world, port, outdir):
         _ddp_checks(case, data, out)
         _bf16_weight_checks(case, data, out)
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    cases.end_worker()
 
 
 def _spawn(world):
