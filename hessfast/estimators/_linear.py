@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from typing import Any, Callable, Optional
 
 import torch
@@ -156,3 +157,9 @@ def split_parameters(vector: torch.Tensor, layout: Optional[list], what: str) ->
         out[name] = vector[start:start + size].view(shape)
         start += size
     return out
+
+
+def estimate_meta(op, block: int, start: float) -> dict:
+    """The ``meta`` every estimate records: P, N, curvature, dtype, product block rows, seconds since ``start``."""
+    return {"P": op.P, "N": getattr(op, "N", None), "curvature": getattr(op, "curvature", None),
+            "dtype": str(op.dtype).replace("torch.", ""), "block": block, "elapsed": time.perf_counter() - start}

@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ._linear import (as_operator, block_rows, check_count, exact_diagonal, generator, matmat, parameter_layout,
-                      rademacher, split_parameters)
+from ._linear import (as_operator, block_rows, check_count, estimate_meta, exact_diagonal, generator, matmat,
+                      parameter_layout, rademacher, split_parameters)
 from .trace_estimators import leave_one_out_normals, orthonormal_rows
 
 METHODS = ("hutchinson", "xdiag")
@@ -93,7 +93,7 @@ def diagonal(model_or_operator: Any, data: Any = None, num_matvecs: int = 100, m
     gen = generator(seed)
     start = time.perf_counter()
     op = as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
-                             operator_kwargs=operator_kwargs, caller="diagonal")
+                     operator_kwargs=operator_kwargs, caller="diagonal")
     block = block_rows(op, max_block)
     if num_matvecs >= op.P:
         est = exact_diagonal(op, block, "diagonal")
@@ -101,8 +101,7 @@ def diagonal(model_or_operator: Any, data: Any = None, num_matvecs: int = 100, m
     else:
         est, err, used = (hutchinson_diagonal if method == "hutchinson" else xdiag)(op, num_matvecs, gen, block)
     model = model_or_operator if isinstance(model_or_operator, torch.nn.Module) else None
-    meta = {"P": op.P, "N": getattr(op, "N", None), "curvature": getattr(op, "curvature", None),
-            "dtype": str(op.dtype).replace("torch.", ""), "block": block, "elapsed": time.perf_counter() - start}
+    meta = estimate_meta(op, block, start)
     return DiagonalEstimate(est, err, used, method, int(seed), meta, parameter_layout(op, model))
 
 

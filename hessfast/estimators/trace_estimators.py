@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..utils.serialization import JSONFile, jsonable
-from ._linear import as_operator, block_rows, check_count, exact_diagonal, generator, matmat, rademacher
+from ._linear import as_operator, block_rows, check_count, estimate_meta, exact_diagonal, generator, matmat, rademacher
 
 METHODS = ("hutchinson", "hutch++", "xtrace")
 MINIMUM = {"hutchinson": 2, "hutch++": 4, "xtrace": 4}
@@ -135,16 +135,14 @@ def trace(model_or_operator: Any, data: Any = None, num_matvecs: int = 99, metho
     gen = generator(seed)
     start = time.perf_counter()
     op = as_operator(model_or_operator, data, curvature=curvature, loss_fn=loss_fn,
-                             operator_kwargs=operator_kwargs, caller="trace")
+                     operator_kwargs=operator_kwargs, caller="trace")
     block = block_rows(op, max_block)
     if num_matvecs >= op.P:
         diag = exact_diagonal(op, block, "trace")
         est, err, samples, used, sizes, method = float(diag.sum()), 0.0, np.zeros(0), op.P, {}, "exact"
     else:
         est, err, samples, used, sizes = ESTIMATORS[method](op, num_matvecs, gen, block)
-    meta = {"P": op.P, "N": getattr(op, "N", None), "curvature": getattr(op, "curvature", None),
-            "dtype": str(op.dtype).replace("torch.", ""), "block": block, **sizes,
-            "elapsed": time.perf_counter() - start}
+    meta = {**estimate_meta(op, block, start), **sizes}
     return TraceEstimate(est, err, used, method, int(seed), samples, meta)
 
 
