@@ -50,47 +50,68 @@ int64_t tile_columns_stream(int64_t b, size_t elem) {
   return t & ~int64_t(15);
 }
 
-// Calls f(G, R) (as integral constants) over the register blocks of a k x b problem: rows of W in
-// blocks of R = 4 (then 2, 1), and for each, rows of Q in blocks of G = 8 (R <= 2) or 4 (then 1).
-// f receives the first rows j0 (of Q) and r0 (of W) of the block.
-template <typename F>
+// The line width of the micro-kernels: 64 bytes (one zmm, 32 registers) where AVX-512 is there,
+// else 32 (one ymm with AVX2, 16 registers).
+bool wide_registers() {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+#else
+  return false;
+#endif
+}
+
+// Calls f(G, R) (as integral constants) over the register blocks of a k x b problem and passes it
+// the first rows j (of Q) and r0 (of W) of each block.  Rows of W go in blocks of R = 4 (then 2,
+// 1; with 16 registers no R = 4); for each, rows of Q in blocks of G (then 4, 2, 1), keeping the
+// G * R + R + 1 live registers within the file: with 32 registers G = 4 for R = 4 and 8 otherwise;
+// with 16, G = 4 for R = 2 and 8 for R = 1.
+template <int VB, typename F>
 void for_blocks(int64_t k, int64_t b, F&& f) {
-  auto rows_of_q = [&](int64_t r0, auto rtag) {
-    constexpr int R = decltype(rtag)::value;
-    constexpr int G = R <= 2 ? kGroup : 4;
+  auto rows_of_q = [&](int64_t r0, auto rtag, auto gtag) {
+    constexpr int G = decltype(gtag)::value;
     int64_t j = 0;
     for (; j + G <= k; j += G) f(j, r0, std::integral_constant<int, G>(), rtag);
-    for (; j + 4 <= k; j += 4) f(j, r0, std::integral_constant<int, 4>(), rtag);
+    if constexpr (G > 4)
+      for (; j + 4 <= k; j += 4) f(j, r0, std::integral_constant<int, 4>(), rtag);
+    if constexpr (G > 2)
+      for (; j + 2 <= k; j += 2) f(j, r0, std::integral_constant<int, 2>(), rtag);
     for (; j < k; ++j) f(j, r0, std::integral_constant<int, 1>(), rtag);
   };
+  using I1 = std::integral_constant<int, 1>;
+  using I2 = std::integral_constant<int, 2>;
+  using I4 = std::integral_constant<int, 4>;
+  using I8 = std::integral_constant<int, 8>;
+  using G2 = std::conditional_t<VB == 64, I8, I4>;
   int64_t r = 0;
-  for (; r + 4 <= b; r += 4) rows_of_q(r, std::integral_constant<int, 4>());
-  for (; r + 2 <= b; r += 2) rows_of_q(r, std::integral_constant<int, 2>());
-  for (; r < b; ++r) rows_of_q(r, std::integral_constant<int, 1>());
+  if constexpr (VB == 64)
+    for (; r + 4 <= b; r += 4) rows_of_q(r, I4(), I4());
+  for (; r + 2 <= b; r += 2) rows_of_q(r, I2(), G2());
+  for (; r < b; ++r) rows_of_q(r, I1(), I8());
 }
 
 // acc[j * b + r] += Q[j, p0:p0+n] . W[r, p0:p0+n]
-template <typename T, typename TQ>
+template <int VB, typename T, typename TQ>
 void tile_dots(const TQ* Q, int64_t ldq, int64_t k, const T* W, int64_t b, int64_t P, int64_t p0,
                int64_t n, double* acc) {
-  for_blocks(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
+  for_blocks<VB>(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
     constexpr int G = decltype(gtag)::value, R = decltype(rtag)::value;
     const TQ* q[G];
     const T* w[R];
     for (int i = 0; i < G; ++i) q[i] = Q + (j + i) * ldq + p0;
     for (int r = 0; r < R; ++r) w[r] = W + (r0 + r) * P + p0;
     double o[G * R] = {};
-    dot_block<T, TQ, G, R>(q, w, n, o);
+    dot_block<T, TQ, G, R, VB>(q, w, n, o);
     for (int i = 0; i < G; ++i)
       for (int r = 0; r < R; ++r) acc[(j + i) * b + r0 + r] += o[i * R + r];
   });
 }
 
 // W[r, p0:p0+n] -= sum_j h[j * b + r] Q[j, p0:p0+n]
-template <typename T, typename TQ>
+template <int VB, typename T, typename TQ>
 void tile_update(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, int64_t p0,
                  int64_t n, const T* h) {
-  for_blocks(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
+  for_blocks<VB>(k, b, [&](int64_t j, int64_t r0, auto gtag, auto rtag) {
     constexpr int G = decltype(gtag)::value, R = decltype(rtag)::value;
     const TQ* q[G];
     T* w[R];
@@ -99,15 +120,13 @@ void tile_update(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P
     for (int r = 0; r < R; ++r) w[r] = W + (r0 + r) * P + p0;
     for (int i = 0; i < G; ++i)
       for (int r = 0; r < R; ++r) c[i * R + r] = h[(j + i) * b + r0 + r];
-    axpy_block<T, TQ, G, R>(w, q, c, n);
+    axpy_block<T, TQ, G, R, VB>(w, q, c, n);
   });
 }
 
-}  // namespace
-
-template <typename T, typename TQ>
-void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
-          int num_threads) {
+template <int VB, typename T, typename TQ>
+void cgs2_lines(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+                int num_threads) {
   const int64_t tile2 = tile_columns_fused(k, b, sizeof(TQ));
   const int64_t tile = tile_columns_stream(b, sizeof(T));
   const int nt = threads_for((k + 1) * b * P, num_threads, P);
@@ -141,7 +160,7 @@ void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* co
     // Pass 1: h1 = Q W^T.
     std::fill(my, my + kb, 0.0);
     for (int64_t p = c0; p < c1; p += tile)
-      tile_dots<T, TQ>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
+      tile_dots<VB, T, TQ>(Q, ldq, k, W, b, P, p, std::min(tile, c1 - p), my);
 #pragma omp barrier
 #pragma omp single
     reduce_cast(h1, h1t, nth);
@@ -149,8 +168,8 @@ void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* co
     std::fill(my, my + kb, 0.0);
     for (int64_t p = c0; p < c1; p += tile2) {
       const int64_t n = std::min(tile2, c1 - p);
-      tile_update<T, TQ>(Q, ldq, k, W, b, P, p, n, h1t.data());
-      tile_dots<T, TQ>(Q, ldq, k, W, b, P, p, n, my);
+      tile_update<VB, T, TQ>(Q, ldq, k, W, b, P, p, n, h1t.data());
+      tile_dots<VB, T, TQ>(Q, ldq, k, W, b, P, p, n, my);
     }
 #pragma omp barrier
 #pragma omp single
@@ -159,7 +178,7 @@ void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* co
     std::fill(my, my + b, 0.0);
     for (int64_t p = c0; p < c1; p += tile) {
       const int64_t n = std::min(tile, c1 - p);
-      tile_update<T, TQ>(Q, ldq, k, W, b, P, p, n, h2t.data());
+      tile_update<VB, T, TQ>(Q, ldq, k, W, b, P, p, n, h2t.data());
       for (int64_t r = 0; r < b; ++r) my[r] += sumsq<T>(W + r * P + p, n);
     }
 #pragma omp barrier
@@ -171,6 +190,17 @@ void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* co
     for (int64_t j = 0; j < k; ++j) coeffs[r * k + j] = T(h1[j * b + r] + h2[j * b + r]);
     norms[r] = T(std::sqrt(ns[r]));
   }
+}
+
+}  // namespace
+
+template <typename T, typename TQ>
+void cgs2(const TQ* Q, int64_t ldq, int64_t k, T* W, int64_t b, int64_t P, T* coeffs, T* norms,
+          int num_threads) {
+  if (wide_registers())
+    cgs2_lines<64>(Q, ldq, k, W, b, P, coeffs, norms, num_threads);
+  else
+    cgs2_lines<32>(Q, ldq, k, W, b, P, coeffs, norms, num_threads);
 }
 
 template void cgs2<float, float>(const float*, int64_t, int64_t, float*, int64_t, int64_t, float*,

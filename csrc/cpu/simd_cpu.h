@@ -80,54 +80,77 @@ inline T widen(TQ x) {
   }
 }
 
-// ---- Cache-line micro-kernels of the fused CGS2 ------------------------------------------------
-// One iteration handles one 64-byte line of W (64/sizeof(T) elements) and the matching elements of
-// rows of Q through GCC vector types (one zmm with AVX-512, two ymm with AVX2, four xmm otherwise).
-// Rows of Q are of type TQ: T itself, or bf16 with T = float (half a line each, widened on load).
-// Accumulation is in T, in 64/sizeof(T) lanes per row pair, reduced once at the end of the tile.
+// ---- Register-line micro-kernels of the fused CGS2 ---------------------------------------------
+// One iteration handles one line of VB bytes of W (VB / sizeof(T) elements) and the matching
+// elements of rows of Q through GCC vector types.  The caller picks VB = 64 (one zmm) where AVX-512
+// is there and VB = 32 (one ymm) otherwise: GCC lowers a 64-byte vector on AVX2 through the stack
+// (measured 2.4x slower than four sgemv calls on an AVX2 EPYC), while a 32-byte one maps to one
+// register.  Rows of Q are of type TQ: T itself, or bf16 with T = float (widened on load).
+// Accumulation is in T, in VB / sizeof(T) lanes per row pair, reduced once at the end of the tile.
 // (Software prefetch of the next rows or the next tile was measured and made things slower.)
-template <typename T>
+// (Spelled out per width: GCC ignores a vector_size that depends on a template parameter.)
+template <typename T, int VB>
 struct Line;
 template <>
-struct Line<double> {
-  typedef double v __attribute__((vector_size(64)));
+struct Line<float, 32> {
+  typedef float v __attribute__((vector_size(32)));
 };
 template <>
-struct Line<float> {
+struct Line<float, 64> {
   typedef float v __attribute__((vector_size(64)));
 };
-#define HF_LOAD(x, p) __builtin_memcpy(&(x), (p), 64)
-#define HF_STORE(p, x) __builtin_memcpy((p), &(x), 64)
+template <>
+struct Line<double, 32> {
+  typedef double v __attribute__((vector_size(32)));
+};
+template <>
+struct Line<double, 64> {
+  typedef double v __attribute__((vector_size(64)));
+};
+// Half a line of bfloat16 words and the line of float32 bit patterns they widen to.
+template <int VB>
+struct Bf16Line;
+template <>
+struct Bf16Line<32> {
+  typedef uint16_t h __attribute__((vector_size(16)));
+  typedef uint32_t u __attribute__((vector_size(32)));
+};
+template <>
+struct Bf16Line<64> {
+  typedef uint16_t h __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(64)));
+};
+#define HF_LOAD(x, p) __builtin_memcpy(&(x), (p), sizeof(x))
+#define HF_STORE(p, x) __builtin_memcpy((p), &(x), sizeof(x))
 
-// x <- the 64/sizeof(T) elements of Q at p, as one line of T.
-template <typename T, typename TQ>
-inline __attribute__((always_inline)) void load_q(typename Line<T>::v& x, const TQ* p) {
+// x <- the VB / sizeof(T) elements of Q at p, as one line of T.
+template <typename T, int VB, typename TQ>
+inline __attribute__((always_inline)) void load_q(typename Line<T, VB>::v& x, const TQ* p) {
   if constexpr (std::is_same<TQ, T>::value) {
     HF_LOAD(x, p);
   } else {
     static_assert(std::is_same<TQ, bf16>::value && std::is_same<T, float>::value,
                   "Q rows are T or (with T = float) bf16");
-    typedef uint16_t H __attribute__((vector_size(32)));
-    typedef uint32_t U __attribute__((vector_size(64)));
+    typedef typename Bf16Line<VB>::h H;
+    typedef typename Bf16Line<VB>::u U;
     H h;
-    __builtin_memcpy(&h, p, 32);
+    __builtin_memcpy(&h, p, VB / 2);
     const U u = __builtin_convertvector(h, U) << 16;
-    __builtin_memcpy(&x, &u, 64);
+    __builtin_memcpy(&x, &u, VB);
   }
 }
 
 // Register-blocked micro-kernels: G rows of Q against R rows of W (w[r] = W row r at this tile).
-// Per 64-byte line, each of the G rows of Q is loaded (and widened) once for all R rows of W and
-// each row of W once for all G rows of Q: G + R loads for G * R multiply-adds, so for R > 1 the
-// loop is bound by arithmetic, not by loads (G = 4, R = 4 holds 16 accumulators, 4 W lines and
-// one Q line: 21 of AVX-512's 32 registers).
+// Per line, each of the G rows of Q is loaded (and widened) once for all R rows of W and each row
+// of W once for all G rows of Q: G + R loads for G * R multiply-adds.  G * R + R + 1 registers
+// are live (the caller's blocks keep that within the register file: 32 with AVX-512, 16 with AVX2).
 
 // out[i * R + r] += q[i][0:n] . w[r][0:n]
-template <typename T, typename TQ, int G, int R>
+template <typename T, typename TQ, int G, int R, int VB>
 HF_CLONES void dot_block(const TQ* const* __restrict q, const T* const* __restrict w, int64_t n,
                          double* out) {
-  typedef typename Line<T>::v V;
-  constexpr int L = 64 / sizeof(T);
+  typedef typename Line<T, VB>::v V;
+  constexpr int L = VB / sizeof(T);
   V acc[G][R];
   const TQ* qq[G];
   const T* ww[R];
@@ -142,7 +165,7 @@ HF_CLONES void dot_block(const TQ* const* __restrict q, const T* const* __restri
     for (int r = 0; r < R; ++r) HF_LOAD(x[r], ww[r] + p);
     for (int i = 0; i < G; ++i) {
       V y;
-      load_q<T>(y, qq[i] + p);
+      load_q<T, VB>(y, qq[i] + p);
       for (int r = 0; r < R; ++r) acc[i][r] += y * x[r];
     }
   }
@@ -156,11 +179,11 @@ HF_CLONES void dot_block(const TQ* const* __restrict q, const T* const* __restri
 }
 
 // w[r][0:n] -= sum_i c[i * R + r] q[i][0:n]
-template <typename T, typename TQ, int G, int R>
+template <typename T, typename TQ, int G, int R, int VB>
 HF_CLONES void axpy_block(T* const* __restrict w, const TQ* const* __restrict q,
                           const T* __restrict c, int64_t n) {
-  typedef typename Line<T>::v V;
-  constexpr int L = 64 / sizeof(T);
+  typedef typename Line<T, VB>::v V;
+  constexpr int L = VB / sizeof(T);
   const TQ* qq[G];
   T* ww[R];
   V cv[G][R];  // the coefficients, broadcast once per tile
@@ -172,10 +195,10 @@ HF_CLONES void axpy_block(T* const* __restrict w, const TQ* const* __restrict q,
   int64_t p = 0;
   for (; p + L <= n; p += L) {
     V s[R], y;
-    load_q<T>(y, qq[0] + p);
+    load_q<T, VB>(y, qq[0] + p);
     for (int r = 0; r < R; ++r) s[r] = cv[0][r] * y;
     for (int i = 1; i < G; ++i) {
-      load_q<T>(y, qq[i] + p);
+      load_q<T, VB>(y, qq[i] + p);
       for (int r = 0; r < R; ++r) s[r] += cv[i][r] * y;
     }
     for (int r = 0; r < R; ++r) {
