@@ -1,5 +1,11 @@
 """Where the time of ``hessfast.lanczos`` goes: products, reorthogonalisation, Python and compilation.
 
+Each row also carries the arithmetic floor of its products: the matmul and convolution FLOPs of the
+m products (one per probe and step), counted by ``torch.utils.flop_counter.FlopCounterMode``, as a
+multiple of the FLOPs of one gradient over the data. A run's products cannot take fewer gradients
+than that unless they run their arithmetic more efficiently than the gradient does (on a CPU, where
+both are compute-bound at these sizes, they do not by much).
+
 Used by bench_lanczos.py (its last table). Each run builds the operator (timed: the build, with any
 compilation reported apart from it) and runs ``lanczos`` with the operator's ``matvec`` / ``matmat``
 and the engine's ``reorthogonalize`` wrapped in timers; the rest of the loop is Python (the
@@ -9,6 +15,9 @@ wrapped clocks measure the work itself; on a GPU they would need a synchronisati
 from __future__ import annotations
 
 import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import hessfast
 import hessfast.engine.basis as engine_basis
@@ -97,8 +106,30 @@ COMPILE_RUNS = [("hessian, 1 probe, compiled", dict(compile=True), 0.0),
                 ("hessian, 8 probes, compiled, lockstep", dict(num_probes=8, compile=True, lockstep=True), 0.0)]
 
 
-def cost_rows(model, loader, m, repeat, grad_t, seed, with_compile=False):
-    """Where ``lanczos(m)``'s time goes, each part in gradients; ``per_probe_x`` = total / probes."""
+def flops(fn) -> int:
+    """Matmul and convolution FLOPs of ``fn()``, counted by torch's FlopCounterMode."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def product_flop_multiples(model, loader, gradient, curvatures=("hessian", "ggn")) -> dict:
+    """One curvature product's FLOPs as a multiple of one gradient's (``gradient``: the bench's gradient
+    over the data), for each curvature; the product goes through the cached graph, as lanczos runs it."""
+    grad = flops(gradient)
+    out = {}
+    for curvature in curvatures:
+        op = CurvatureOperator(model, loader, curvature=curvature)
+        v = torch.randn(op.P, generator=torch.Generator().manual_seed(0)).to(op.device)
+        out[curvature] = flops(lambda: op.matvec(v)) / grad
+    return out
+
+
+def cost_rows(model, loader, m, repeat, grad_t, seed, with_compile=False, flop_multiples=None):
+    """Where ``lanczos(m)``'s time goes, each part in gradients; ``per_probe_x`` = total / probes;
+    ``floor_x`` = the arithmetic floor of the products (see the module docstring), from
+    ``flop_multiples`` (curvature -> one product's FLOPs in gradients)."""
     rows = []
     for label, kwargs, frac in COST_RUNS + (COMPILE_RUNS if with_compile else []):
         total, build, comp, prod, reorth, python, meta = split_run(model, loader, m, seed,
@@ -108,7 +139,8 @@ def cost_rows(model, loader, m, repeat, grad_t, seed, with_compile=False):
                      "compile_s": comp, "products_x": prod / grad_t, "reorth_x": reorth / grad_t,
                      "python_x": python / grad_t, "per_probe_x": (total - comp) / grad_t / k,
                      "rest_over_products": (reorth + python) / prod, "hvp_mode": meta["hvp_mode"],
-                     "cached": meta["cached_graph"], "lockstep": meta["lockstep"], "probes": k})
+                     "cached": meta["cached_graph"], "lockstep": meta["lockstep"], "probes": k,
+                     "floor_x": (flop_multiples or {}).get(kwargs.get("curvature", "hessian"), float("nan")) * m * k})
     one = {r["hvp_mode"]: r["total_x"] for r in rows if r["probes"] == 1 and "ggn" not in r["run"]}
     for r in rows:
         if r["probes"] > 1 and r["hvp_mode"] in one:
@@ -118,13 +150,13 @@ def cost_rows(model, loader, m, repeat, grad_t, seed, with_compile=False):
 
 def cost_markdown(rows_by_workload, m) -> list:
     out = ["", f"Where the time of lanczos(m={m}) goes, in gradients over the data (compile time apart, in s; "
-               "rest = reorthogonalisation + Python):", "",
-           "| workload | run | hvp | total | build | compile s | products | reorth | Python | rest / products | "
-           "x one probe |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "rest = reorthogonalisation + Python; floor = the products' matmul and convolution FLOPs in gradients'):", "",
+           "| workload | run | hvp | total | build | compile s | products | floor | reorth | Python | rest / products | "
+           "x one probe |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in rows_by_workload:
         for r in rows:
             mode = r["hvp_mode"] + ("+cache" if r["cached"] else "")
             out.append(f"| {name} | {r['run']} | {mode} | {r['total_x']:.0f} | {r['build_x']:.1f} | "
-                       f"{r['compile_s']:.1f} | {r['products_x']:.0f} | {r['reorth_x']:.1f} | {r['python_x']:.1f} | "
+                       f"{r['compile_s']:.1f} | {r['products_x']:.0f} | {r['floor_x']:.0f} | {r['reorth_x']:.1f} | {r['python_x']:.1f} | "
                        f"{r['rest_over_products']:.1%} | {fmt(r.get('vs_one_probe'), '.2f')} |")
     return out

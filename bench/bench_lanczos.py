@@ -6,7 +6,8 @@ available). Printed per workload:
 
 * the time of one gradient over the data (the unit every other time is divided by);
 * one Hessian-vector product by each mode (double backward with and without the cached graph,
-  forward-over-reverse);
+  forward-over-reverse), and the matmul and convolution FLOPs of one Hessian and one GGN product as
+  a multiple of a gradient's (``FlopCounterMode``): m times that is the arithmetic floor of lanczos(m);
 * ``lanczos(m=100)`` end to end, and where its time goes (operator build incl. the ``hvp_mode="auto"``
   trial, the m products, the rest = reorthogonalisation + bookkeeping);
 * the relative error of its extremes against float64 references: the float64 Lanczos from the same
@@ -38,7 +39,7 @@ from torch import nn
 
 from _common import SmallCNN, best_of, digits_batches, environment, mlp  # noqa: I001 (puts the source tree on sys.path)
 
-from _lanczos_costs import cost_markdown, cost_rows  # noqa: I001
+from _lanczos_costs import cost_markdown, cost_rows, product_flop_multiples  # noqa: I001
 
 import hessfast
 from hessfast.operators import CurvatureOperator
@@ -317,8 +318,9 @@ def run_workload(key, loader, args):
         row["gradient_ms"] = grad_t2 * 1e3
         grad_t = grad_t2
     row["peers"] = [] if args.no_peers else peers(model, loader, args.m, grad_t, ref, args.peer_repeat)
+    row["flop_multiples"] = product_flop_multiples(model, loader, grad)
     row["costs"] = [] if args.no_costs else cost_rows(model, loader, args.m, args.repeat, grad_t, args.seed,
-                                                      args.compile)
+                                                      args.compile, row["flop_multiples"])
     return row
 
 
@@ -342,11 +344,13 @@ def markdown(rows, env, m):
             out.append(f"| | {p['peer']} {p.get('routine', '')} | {fmt(p.get('x_gradient'), '.0f')} | "
                        f"{fmt(p.get('err_max_vs_true'), '.1e')} | {fmt(p.get('err_min_vs_true'), '.1e')} | "
                        f"{fmt(p.get('top_cluster'))} | {p.get('note', '')} |")
-    out += ["", "| workload | HVP reverse cached | reverse uncached | forward-over-reverse | true lambda_max | "
-                "true lambda_min |", "|---|---|---|---|---|---|"]
+    out += ["", "| workload | HVP reverse cached | reverse uncached | forward-over-reverse | FLOPs: Hessian product | "
+                "GGN product | true lambda_max | true lambda_min |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        f = r["flop_multiples"]
         out.append(f"| {r['workload']} | {r['hvp_reverse_cached_x']:.2f}x | {r['hvp_reverse_uncached_x']:.2f}x | "
-                   f"{r['hvp_forward_x']:.2f}x | {r['true_max']:.6g} | {r['true_min']:.6g} |")
+                   f"{r['hvp_forward_x']:.2f}x | {f['hessian']:.2f}x | {f['ggn']:.2f}x | {r['true_max']:.6g} | "
+                   f"{r['true_min']:.6g} |")
     out += cost_markdown([(r["workload"], r["costs"]) for r in rows if r.get("costs")], m)
     return "\n".join(out) + "\n"
 
@@ -376,7 +380,8 @@ def main():
         r = rows[-1]
         print(f"\n{r['workload']}: P={r['P']:,} N={r['N']}  gradient {r['gradient_ms']:.2f} ms", flush=True)
         print(f"  HVP x gradient: reverse cached {r['hvp_reverse_cached_x']:.2f}, uncached "
-              f"{r['hvp_reverse_uncached_x']:.2f}, forward {r['hvp_forward_x']:.2f}")
+              f"{r['hvp_reverse_uncached_x']:.2f}, forward {r['hvp_forward_x']:.2f}; FLOPs of one product in "
+              f"gradients: " + ", ".join(f"{c} {x:.2f}" for c, x in r["flop_multiples"].items()))
         verdict = "meets" if r["lanczos_x"] <= TARGET else "MISSES"
         print(f"  hessfast lanczos(m={args.m}) {r['lanczos_s']:.3f} s = {r['lanczos_x']:.1f} x gradient ({verdict} "
               f"{TARGET:.0f}x)  hvp={r['hvp_mode']} cached={r['cached']}")

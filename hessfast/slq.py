@@ -118,7 +118,7 @@ def lanczos(model: Any, data: Any = None, m: int = 100, *, curvature: str = "hes
                             distributed=op.dist is not None,
                             fits=num_probes > 1 and lockstep_fits(num_probes, steps_each, P, runner.basis_dtype,
                                                                   op.device),
-                            shared_products=not op.cached and op.hvp_mode != "fd")
+                            shared_products=op.shares_products)
     try:
         if together:
             results, width = _lockstep(op, runner, probes, steps_each, bar), steps_each

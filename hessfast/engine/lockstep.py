@@ -162,9 +162,10 @@ def use_lockstep(lockstep: Optional[bool], *, num_probes: int, block_size: int, 
 
     num_probes > 1, single-vector runs (block_size 1), one process, the basis on the compute device
     (``reorth="full"``, placement ``"device"``), the k bases fit there (:func:`lockstep_fits`), and
-    the operator's ``matmat`` shares work between its vectors (``shared_products``: forward mode,
-    compiled or not, whose vmapped products share the primal pass; not a cached graph, whose
-    ``matmat`` runs the products one by one, nor finite differences).
+    the operator's ``matmat`` shares work between its vectors (``shared_products``, the operator's
+    ``shares_products``: forward mode, compiled or not, whose vmapped products share the primal
+    pass, and a cached graph with a batched backward, the default on CUDA; not a cached graph whose
+    ``matmat`` runs the products one by one, as on the CPU, nor finite differences).
 
     Measured on the digits MLP on CPU (bench/bench_lanczos.py, bench/RESULTS.md): 8 forward-mode
     products at once cost 2.7x one, not 8x, so lockstep pays there; through a cached graph the

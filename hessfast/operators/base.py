@@ -11,6 +11,9 @@ computed.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -24,7 +27,7 @@ from ..utils.model_state import DROPOUT, curvature_mode
 from .compiled import DEFAULT_RUN_PRODUCTS, ProductCompiler
 from .finite_difference import fd_step
 from .functional import ModelFunction
-from .modes import ProductMode
+from .modes import ProductMode, first_line
 _REGISTRY: dict = {}
 _OOM = getattr(torch, "OutOfMemoryError", ())
 
@@ -101,6 +104,14 @@ class CurvatureOperator:
     Shapes: ``op @ v`` and :meth:`matvec` take ``v`` of shape (P,) and return (P,); :meth:`matmat`
     takes and returns (b, P).
 
+    Attributes:
+        batched_backward: whether :meth:`matmat` through a cached graph runs its b products as one
+            batched backward (``is_grads_batched``) rather than one backward after another. Default:
+            on CUDA, where one vector leaves the device idle on small models; not on the CPU, where
+            it measured 0.6-0.85x the speed of b single backward passes (bench/bench_block_hvp.py).
+            Set it to force either way; a batched backward that fails (an operation in the graph
+            without a batching rule) falls back to one product after another with a warning.
+
     A new curvature is one subclass that sets the class attribute ``curvature = "<name>"`` (which
     registers it for ``CurvatureOperator(..., curvature="<name>")``) and implements, on
     ``self.fn`` (the :class:`ModelFunction`):
@@ -163,6 +174,7 @@ class CurvatureOperator:
         self._graphs: Optional[list] = None
         self._vmap_ok = True
         self._w: Optional[torch.Tensor] = None
+        self.batched_backward = self.fn.device.type == "cuda"
         if self.dist is None:
             self._build(cache_graph)
             self.rank_counts = [self.N]
@@ -239,6 +251,8 @@ class CurvatureOperator:
                 "loss_terms": self.loss_terms, "attention": "math" if self.mode.exact else "default",
                 "world_size": 1 if self.dist is None else self.dist.world_size,
                 "rank_samples": list(self.rank_counts)}
+        if self.cached:
+            meta["batched_backward"] = self.batched_backward
         if self.mode.fallback is not None:
             meta["hvp_fallback"] = self.mode.fallback
         meta.update(self.compiler.meta())
@@ -404,12 +418,30 @@ class CurvatureOperator:
         V = self._check_vector(V, None)
         if self.N_local == 0:
             return torch.zeros_like(V)
+        if V.dim() == 2 and self.cached and self.batched_backward:
+            try:
+                return self._sum_over_data(V, True)
+            except RuntimeError as err:
+                if isinstance(err, _OOM):
+                    raise
+                self.batched_backward = False
+                warnings.warn(f"hessfast: a batched backward through the cached graph failed, so the {V.shape[0]} "
+                              f"products run one after another (same numbers): {first_line(err)[:300]}",
+                              UserWarning, stacklevel=3)
         if V.dim() == 2 and (self.cached or self.hvp_mode == "fd"):
-            # Through a cached graph there is no forward pass left to share, and a batched backward
-            # was measured slower (0.6-0.85x, bench/bench_block_hvp.py): one product after another.
-            # Finite differences take a step per vector.
+            # Through a cached graph there is no forward pass left to share (see batched_backward);
+            # finite differences take a step per vector.
             return torch.stack([self._sum_over_data(v, False) for v in V])
         return self._sum_over_data(V, V.dim() == 2)
+
+    @property
+    def shares_products(self) -> bool:
+        """Whether the b products of :meth:`matmat` share work, so that probes in lockstep pay: forward
+        mode (vmapped products share the primal pass) and a cached graph with :attr:`batched_backward`;
+        not products through a cached graph one after another, nor finite differences."""
+        if self.hvp_mode == "fd":
+            return False
+        return self.batched_backward if self.cached else True
 
     def _sum_over_data(self, V: torch.Tensor, batched: bool) -> torch.Tensor:
         fd = self.hvp_mode == "fd"
@@ -419,9 +451,11 @@ class CurvatureOperator:
         v = self.fn.unflatten(V)
         lead = tuple(V.shape[:-1])
         total = None
-        with curvature_mode(self.model, self.bn_mode, math_attention=not fd):
-            pairs = [(None, g) for g in self._graphs] if self._graphs is not None else \
-                ((b, None) for b in self.fn.batches())
+        # A product through the cached graphs is a backward pass alone: no module runs, so the
+        # modes that curvature_mode sets for forward passes are not needed (nor their cost per product).
+        cached = self._graphs is not None
+        with contextlib.nullcontext() if cached else curvature_mode(self.model, self.bn_mode, math_attention=not fd):
+            pairs = [(None, g) for g in self._graphs] if cached else ((b, None) for b in self.fn.batches())
             for batch, graph in pairs:
                 parts = self._explained_product(batch, v, graph, batched, h)
                 flat = torch.cat([p.reshape(*lead, -1) for p in parts], -1) if fd else self.fn.flatten(parts, lead)
@@ -463,7 +497,8 @@ class CurvatureOperator:
 
         Without a cached graph the b products share one forward pass (vmap over tangents, or a
         batched double backward), which bench/bench_block_hvp.py measured 1.2-2.8x faster than b
-        single products on CPU; through a cached graph they run one after the other.
+        single products on CPU; through a cached graph they are one batched backward where
+        :attr:`batched_backward` says so (CUDA), else one backward after another.
         """
         return self._apply(self._check_vector(V, True))
 

@@ -448,6 +448,8 @@ class FSDPOperator:
                 "pending": {"two gradient shards (w + h v, w - h v)": 2 * grad, "products": 2 * c * item,
                             "float64 difference of one parameter": 16 * big}}
 
+    shares_products = False    # one pair of FSDP gradients per vector (see CurvatureOperator.shares_products)
+
     def meta(self) -> dict:
         """What ran: as :meth:`CurvatureOperator.meta`, plus the sharding, local size and fd noise floor."""
         return {"curvature": self.curvature, "hvp_mode": "fd", "cached": False, "bn_mode": "eval", "dropout": DROPOUT,
