@@ -52,12 +52,15 @@ def environment(device: str = "cpu") -> dict:
     return env
 
 
-def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None) -> float:
-    """Median wall time of fn() in seconds (sync() is called before reading the clock, e.g. cuda.synchronize)."""
+def timeit(fn, repeat: int = 5, warmup: int = 1, sync=None, before=None) -> float:
+    """Median wall time of fn() in seconds (sync() is called before reading the clock, e.g. cuda.synchronize;
+    ``before()``, if given, runs untimed before each call)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if before:
+            before()
         if sync:
             sync()
         t = time.perf_counter()

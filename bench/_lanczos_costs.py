@@ -150,7 +150,7 @@ def cost_rows(model, loader, m, repeat, grad_t, seed, with_compile=False, flop_m
 
 def cost_markdown(rows_by_workload, m) -> list:
     out = ["", f"Where the time of lanczos(m={m}) goes, in gradients over the data (compile time apart, in s; "
-               "rest = reorthogonalisation + Python; floor = the products' matmul and convolution FLOPs in gradients'):", "",
+               "rest = reorthogonalisation + Python; floor = the products' matmul and convolution FLOPs in gradients):", "",
            "| workload | run | hvp | total | build | compile s | products | floor | reorth | Python | rest / products | "
            "x one probe |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rows in rows_by_workload:

@@ -4,6 +4,7 @@
     python bench/bench_kernels.py --device cuda --P 1e6 1.5e7 --save bench/RESULTS.md
     python bench/bench_kernels.py --only bf16 --P 1e6 --k 100   # float32 blocks: bfloat16 vs float32 basis
     python bench/bench_kernels.py --only cholqr2 --P 1e5 --repeat 3   # CholeskyQR2 alone ("orth" is an alias)
+    python bench/bench_kernels.py --only cgs2 --P 26122 --dtype float32 --evict 64   # basis evicted from cache
 
 GB/s counts the compulsory traffic of the algorithm for every backend (CGS2: 4 passes over Q_k for
 the reference formulation, i.e. the bytes the user's problem needs read by a 4-pass method; the
@@ -51,7 +52,11 @@ class Setup:
             self.copy_bw = 2 * x.numel() * self.size / self.time(lambda: y.copy_(x)) / 1e9
 
     def time(self, fn):
-        return timeit(fn, self.args.repeat, sync=self.sync)
+        evict = None
+        if self.args.evict:   # stream a buffer larger than the caches before each call, as a product does
+            junk = torch.empty(int(self.args.evict * 2 ** 20) // 4, dtype=torch.float32, device=self.dev)
+            evict = lambda: junk.add_(1.0)  # noqa: E731
+        return timeit(fn, self.args.repeat, sync=self.sync, before=evict)
 
     def randn(self, *shape, dtype=None):
         return torch.randn(*shape, dtype=dtype or self.dtype, device=self.dev)
@@ -156,6 +161,9 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", default=["cgs2", "cholqr2", "sqhvp"], choices=[*SECTIONS, "orth"],
                     help="sections to run (orth: the same as cholqr2)")
     ap.add_argument("--threads", type=int, default=None, help="torch (and kernel) threads; default: torch's")
+    ap.add_argument("--evict", type=float, default=0, metavar="MiB",
+                    help="before each timed call, stream a buffer of this size (e.g. 64: more than the L3) so the "
+                         "basis comes from memory, as between Lanczos steps, where the product evicts it")
     ap.add_argument("--save", default=None, help="append the tables to this markdown file")
     args = ap.parse_args(argv)
     if args.threads:

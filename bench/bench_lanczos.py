@@ -20,7 +20,7 @@ available). Printed per workload:
   and in lockstep, eager (cached graph and forward mode) and, with ``--compile``, compiled.
 
     OMP_NUM_THREADS=1 python bench/bench_lanczos.py [--m 100] [--threads 1] [--repeat 3] [--no-peers]
-        [--only mlp|cnn] [--no-costs] [--compile] [--json out.json] [--save bench/RESULTS.md]
+        [--only mlp|cnn] [--no-costs] [--compile] [--batch-size 256] [--json out.json] [--save bench/RESULTS.md]
 
 Times are best-of-``--repeat``; each ratio divides by the best gradient time of the same process.
 On a shared machine use ``--threads 1``: with more OpenMP threads than free cores the small
@@ -367,12 +367,13 @@ def main():
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-costs", action="store_true", help="skip where-the-time-goes (8-probe runs are long)")
     parser.add_argument("--compile", action="store_true", help="also time compiled products (tens of s to compile)")
+    parser.add_argument("--batch-size", type=int, default=256, help="digits batch size (1797: the data as one batch)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--save", default=None, help="append the markdown table to this file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loader = digits_loader(torch.device(args.device))
+    loader = digits_loader(torch.device(args.device), batch_size=args.batch_size)
     env = environment(args.device)
     rows = []
     for key in ([args.only] if args.only else list(WORKLOADS)):
