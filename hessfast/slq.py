@@ -171,7 +171,8 @@ def _meta(op, runner, *, m, num_probes, seed, reorth, block_size, backend, steps
         "hvp_mode": op_meta["hvp_mode"], "cached_graph": op_meta["cached"], "backend_requested": backend,
         **{k: op_meta[k] for k in ("compile", "compiled", "compile_s", "compile_graphs", "compile_fallback")
            if k in op_meta},
-        **{k: op_meta[k] for k in ("dropout", "loss", "loss_terms", "attention", "hvp_fallback") if k in op_meta},
+        **{k: op_meta[k] for k in ("dropout", "loss", "loss_terms", "attention", "hvp_fallback", "batched_backward")
+           if k in op_meta},
         "device": str(op.device), "single_batch": op_meta["single_batch"], "steps": list(map(int, steps)),
         "breakdown": bool(any(breakdown)), "elapsed": time.perf_counter() - start,
         "hessfast_version": __version__, "torch_version": torch.__version__,

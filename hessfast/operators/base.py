@@ -110,7 +110,8 @@ class CurvatureOperator:
             on CUDA, where one vector leaves the device idle on small models; not on the CPU, where
             it measured 0.6-0.85x the speed of b single backward passes (bench/bench_block_hvp.py).
             Set it to force either way; a batched backward that fails (an operation in the graph
-            without a batching rule) falls back to one product after another with a warning.
+            without a batching rule, or out of memory with b vectors at once) falls back to one
+            product after another with a warning, and stays off for this operator.
 
     A new curvature is one subclass that sets the class attribute ``curvature = "<name>"`` (which
     registers it for ``CurvatureOperator(..., curvature="<name>")``) and implements, on
@@ -421,10 +422,10 @@ class CurvatureOperator:
         if V.dim() == 2 and self.cached and self.batched_backward:
             try:
                 return self._sum_over_data(V, True)
-            except RuntimeError as err:
-                if isinstance(err, _OOM):
-                    raise
+            except RuntimeError as err:   # no batching rule, or out of memory with b vectors at once
                 self.batched_backward = False
+                if isinstance(err, _OOM) and self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 warnings.warn(f"hessfast: a batched backward through the cached graph failed, so the {V.shape[0]} "
                               f"products run one after another (same numbers): {first_line(err)[:300]}",
                               UserWarning, stacklevel=3)

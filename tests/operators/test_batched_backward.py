@@ -56,17 +56,34 @@ def test_a_failing_batched_backward_falls_back_with_a_warning(monkeypatch):
     assert op.batched_backward is False and op.meta()["batched_backward"] is False
 
 
-def test_out_of_memory_in_a_batched_backward_is_raised(monkeypatch):
+def test_out_of_memory_with_b_vectors_falls_back_to_one_at_a_time(monkeypatch):
+    _, op = _operator("hessian")
+    V = torch.randn(2, op.P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    expected = op.matmat(V)
+    inner = type(op).graph_product
+
+    def oom_when_batched(self, graph, v, batched=False):
+        if batched:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return inner(self, graph, v, batched)
+
+    monkeypatch.setattr(type(op), "graph_product", oom_when_batched)
+    op.batched_backward = True
+    with pytest.warns(UserWarning, match="one after another.*out of memory"):
+        got = op.matmat(V)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
+    assert op.batched_backward is False
+
+
+def test_out_of_memory_one_vector_at_a_time_is_raised(monkeypatch):
     _, op = _operator("hessian")
 
     def oom(self, graph, v, batched=False):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(type(op), "graph_product", oom)
-    op.batched_backward = True
     with pytest.raises(torch.OutOfMemoryError):
         op.matmat(torch.zeros(2, op.P, dtype=torch.float64))
-    assert op.batched_backward is True
 
 
 def test_a_cached_product_runs_no_module():
@@ -93,6 +110,7 @@ def test_lockstep_follows_shares_products(assert_model_unchanged):
     op.batched_backward = True
     together = hessfast.lanczos(op, **kw)
     assert not seq.meta["lockstep"] and together.meta["lockstep"]
+    assert seq.meta["batched_backward"] is False and together.meta["batched_backward"] is True
     scale = np.abs(seq.ritz_values).max()
     np.testing.assert_allclose(together.ritz_values, seq.ritz_values, rtol=0, atol=1e-10 * scale)
     np.testing.assert_allclose(together.weights, seq.weights, rtol=0, atol=1e-10)
