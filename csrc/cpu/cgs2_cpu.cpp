@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -50,15 +52,23 @@ int64_t tile_columns_stream(int64_t b, size_t elem) {
   return t & ~int64_t(15);
 }
 
-// The line width of the micro-kernels: 64 bytes (one zmm, 32 registers) where AVX-512 is there,
-// else 32 (one ymm with AVX2, 16 registers).
+// The line width of the micro-kernels: 64 bytes (one zmm, 32 registers) where the x86-64-v4 clones
+// of simd_cpu.h run (AVX-512 F, BW, CD, DQ and VL), else 32 (one ymm with AVX2, 16 registers).
+// HESSFAST_CPU_VECTOR_BYTES=32 or 64 forces one (both are correct everywhere; the tests run each).
 bool wide_registers() {
+  static const bool wide = [] {
+    const char* forced = std::getenv("HESSFAST_CPU_VECTOR_BYTES");
+    if (forced != nullptr && std::strcmp(forced, "64") == 0) return true;
+    if (forced != nullptr && std::strcmp(forced, "32") == 0) return false;
 #if defined(__GNUC__) && defined(__x86_64__)
-  static const bool wide = __builtin_cpu_supports("avx512f");
-  return wide;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vl");
 #else
-  return false;
+    return false;
 #endif
+  }();
+  return wide;
 }
 
 // Calls f(G, R) (as integral constants) over the register blocks of a k x b problem and passes it

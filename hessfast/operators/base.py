@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -108,7 +107,8 @@ class CurvatureOperator:
         batched_backward: whether :meth:`matmat` through a cached graph runs its b products as one
             batched backward (``is_grads_batched``) rather than one backward after another. Default:
             on CUDA, where one vector leaves the device idle on small models; not on the CPU, where
-            it measured 0.6-0.85x the speed of b single backward passes (bench/bench_block_hvp.py).
+            it measured 0.65-1.57x the speed of b single backward passes, not reliably faster
+            (bench/bench_block_hvp.py).
             Set it to force either way; a batched backward that fails (an operation in the graph
             without a batching rule, or out of memory with b vectors at once) falls back to one
             product after another with a warning, and stays off for this operator.

@@ -14,12 +14,16 @@ only where a GPU is usable. The truth helpers (``ld``, ``rel``, ``assert_near_tr
 """
 import functools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hessfast.kernels import orthonormalize, reorthogonalize
+from hessfast.kernels import backends, orthonormalize, reorthogonalize
 from hessfast.kernels.orthonormalization import ORTH_IMPLS
 from hessfast.kernels.reference import cgs2_reference, cholqr2_reference, qr_reference
 from hessfast.kernels.reorth import CGS2_IMPLS
@@ -110,6 +114,21 @@ def test_cgs2_bfloat16_basis_within_twice_the_reference_error(backend, rows, k, 
     """A bfloat16 basis with a float32 block; the truth is float64 on the same bfloat16 values."""
     Q = random_basis(rows, P, torch.bfloat16, backend_device, pad)
     _check_cgs2(backend, Q, k, _block(b, rows, Q, torch.float32))
+
+
+@pytest.mark.parametrize("width", ["32", "64"])
+def test_cpu_cgs2_at_both_register_widths(width):
+    """The CPU kernel works on 32-byte lines without AVX-512 and 64-byte lines with it; forcing each
+    (HESSFAST_CPU_VECTOR_BYTES, read once per process) runs this file's CPU CGS2 cases on both paths."""
+    if not backends()["cpu"]["available"]:
+        pytest.skip("the CPU module is not built")
+    env = dict(os.environ, HESSFAST_CPU_VECTOR_BYTES=width)
+    root = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          "-k", "(cgs2 or orthogonality) and cpu and not register_widths", str(Path(__file__))],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
 
 
 def test_reorthogonalize_empty_block(backend, backend_device):
