@@ -117,16 +117,16 @@ def test_cgs2_bfloat16_basis_within_twice_the_reference_error(backend, rows, k, 
 
 
 @pytest.mark.parametrize("width", ["32", "64"])
-def test_cpu_cgs2_at_both_register_widths(width):
+def test_cpu_cgs2_at_both_register_widths(width, tmp_path):
     """The CPU kernel works on 32-byte lines without AVX-512 and 64-byte lines with it; forcing each
     (HESSFAST_CPU_VECTOR_BYTES, read once per process) runs this file's CPU CGS2 cases on both paths."""
     if not backends()["cpu"]["available"]:
         pytest.skip("the CPU module is not built")
     env = dict(os.environ, HESSFAST_CPU_VECTOR_BYTES=width)
-    root = Path(__file__).resolve().parents[2]
+    # from a neutral directory, so that the child imports the same (installed) hessfast as this process
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
                           "-k", "(cgs2 or orthogonality) and cpu and not register_widths", str(Path(__file__))],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout
 
