@@ -1,6 +1,7 @@
 """Matrix-free curvature operators over the model's trainable parameters.
 
 * :mod:`.functional`: :class:`ModelFunction`, the model and loss as functions of the parameters.
+* :mod:`.linear`: what every P x P operator derives from its products (``@``, ``to_dense``, ``to_scipy``).
 * :mod:`.base`: :class:`CurvatureOperator`, the data loop, graph cache, normalisation, distributed
   reduction and checks, and the registry of curvatures (``operator_class("ggn")``).
 * :mod:`.hessian`, :mod:`.ggn`: the Hessian and the GGN, one per-batch product each.

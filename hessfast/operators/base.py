@@ -21,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils import data as _data
-from ..utils.memory import available_memory
+from ..utils.memory import available_memory, saved_tensor_bytes
 from ..utils.model_state import DROPOUT, curvature_mode
 from .compiled import DEFAULT_RUN_PRODUCTS, ProductCompiler
 from .finite_difference import fd_step
 from .functional import ModelFunction
+from .linear import SymmetricOperator
 from .modes import ProductMode, first_line
 _REGISTRY: dict = {}
 _OOM = getattr(torch, "OutOfMemoryError", ())
@@ -49,7 +50,7 @@ def operator_class(curvature: str) -> type:
     return _REGISTRY[check_curvature(curvature)]
 
 
-class CurvatureOperator:
+class CurvatureOperator(SymmetricOperator):
     """A curvature of ``loss_fn(model(inputs), targets)`` over ``data`` as a P x P linear operator.
 
     ``CurvatureOperator(model, data, curvature="hessian" | "ggn", ...)`` returns an instance of the
@@ -260,22 +261,6 @@ class CurvatureOperator:
         return meta
 
     # ------------------------------------------------------------------ construction
-    def _saved_bytes(self, batch, params: tuple) -> tuple:
-        """Build one batch's graph while counting the bytes autograd saves for it."""
-        total = [0]
-        seen = set()
-
-        def pack(t):
-            key = (t.untyped_storage().data_ptr(), t.dtype)
-            if key not in seen:
-                seen.add(key)
-                total[0] += t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            graph = self.build_graph(batch, params)
-        return graph, total[0]
-
     def _build(self, cache_graph) -> None:
         """One pass over the data: count the samples and the loss terms, settle ``"auto"`` by a probe
         product on the first batch, and in reverse mode with a cache that fits, build the merged graphs."""
@@ -289,7 +274,7 @@ class CurvatureOperator:
             self._prepare_compiled(first)
             if self.hvp_mode == "reverse":   # the first graph: checked, probed, cached if it fits
                 leaves = self.fn.leaf_params()
-                graph, nbytes = self._saved_bytes(first, leaves)
+                graph, nbytes = saved_tensor_bytes(lambda: self.build_graph(first, leaves))
                 self.graph_bytes_estimate = nbytes * (n_batches or 1)
                 self.mode.check_graph(graph, self._dtype_name())
             if self.mode.probing:
@@ -502,32 +487,6 @@ class CurvatureOperator:
         :attr:`batched_backward` says so (CUDA), else one backward after another.
         """
         return self._apply(self._check_vector(V, True))
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v) if v.dim() == 1 else self.matmat(v.T).T
-
-    @property
-    def shape(self) -> tuple:
-        return (self.P, self.P)
-
-    def to_dense(self, chunk: int = 64) -> torch.Tensor:
-        """The full P x P matrix (for small models and tests)."""
-        eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
-        return torch.cat([self.matmat(eye[i:i + chunk]) for i in range(0, self.P, chunk)])
-
-    def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy in and out), e.g. for ``eigsh``."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def mv(x):
-            x = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
-            return self.matvec(x).detach().cpu().double().numpy()
-
-        def mm(X):
-            X = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
-            return self.matmat(X.T.contiguous()).T.detach().cpu().double().numpy()
-
-        return LinearOperator(self.shape, matvec=mv, rmatvec=mv, matmat=mm, dtype=np.float64)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(curvature={self.curvature!r}, P={self.P}, N={self.N}, dtype={self.dtype}, "

@@ -44,6 +44,7 @@ from .. import distributed as _distributed
 from ..losses import as_loss
 from ..utils import data as _data
 from ..utils.model_state import DROPOUT, check_bn_mode, curvature_mode
+from .linear import SymmetricOperator
 
 NOISE_WARN = 0.05   # warn when the noise floor exceeds this fraction of |lambda|_max
 _HALF = (torch.float16, torch.bfloat16)
@@ -149,7 +150,7 @@ def _context(model_params: list, distributed: Any):
     return ctx
 
 
-class FSDPOperator:
+class FSDPOperator(SymmetricOperator):
     """The Hessian of an FSDP2-sharded model's mean loss over all ranks' data, by shard-local finite differences.
 
     Built by :func:`hessfast.lanczos` for a model with DTensor parameters; arguments as
@@ -434,9 +435,6 @@ class FSDPOperator:
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """H v for a full vector v (P,) -> (P,)."""
         return self.matmat(v.reshape(1, -1))[0]
-
-    def __matmul__(self, v: torch.Tensor) -> torch.Tensor:
-        return self.matvec(v) if v.dim() == 1 else self.matmat(v.T).T
 
     def resident_bytes(self) -> dict:
         """Bytes per rank besides the basis: held now (model shard, restore copy) and allocated per product."""

@@ -44,6 +44,24 @@ TILE_BYTES = 256 * 2 ** 20  # device bytes per streamed tile (two are resident: 
 FILL = 0.9                  # the basis may take at most this fraction of the free memory
 
 
+def saved_tensor_bytes(build) -> tuple:
+    """``(build(), bytes)``: the result of ``build()`` and the bytes of the distinct storages autograd
+    saved for backward while it ran (what keeping that graph holds in memory)."""
+    total = [0]
+    seen = set()
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = build()
+    return out, total[0]
+
+
 def format_bytes(nbytes: float) -> str:
     """A byte count in GiB, MiB or KiB for messages."""
     for unit, scale in (("GiB", GIB), ("MiB", 2.0 ** 20)):

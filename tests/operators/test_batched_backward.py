@@ -37,42 +37,27 @@ def test_batched_backward_equals_products_one_after_another(curvature):
         torch.testing.assert_close(together, V @ truth, rtol=1e-10, atol=1e-12)
 
 
-def test_a_failing_batched_backward_falls_back_with_a_warning(monkeypatch):
+@pytest.mark.parametrize("error", [RuntimeError("Batching rule not implemented for aten::some_op"),
+                                   torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")],
+                         ids=["no batching rule", "out of memory with b vectors"])
+def test_a_failing_batched_backward_falls_back_with_a_warning(monkeypatch, error):
     _, op = _operator("hessian")
     V = torch.randn(3, op.P, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     expected = op.matmat(V)
     inner = type(op).graph_product
 
-    def no_batching_rule(self, graph, v, batched=False):
+    def fails_when_batched(self, graph, v, batched=False):
         if batched:
-            raise RuntimeError("Batching rule not implemented for aten::some_op")
+            raise error
         return inner(self, graph, v, batched)
 
-    monkeypatch.setattr(type(op), "graph_product", no_batching_rule)
+    monkeypatch.setattr(type(op), "graph_product", fails_when_batched)
     op.batched_backward = True
-    with pytest.warns(UserWarning, match="batched backward through the cached graph failed.*aten::some_op"):
+    with pytest.warns(UserWarning, match="batched backward through the cached graph failed.*one after another.*"
+                                         + str(error).split()[0]):
         got = op.matmat(V)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     assert op.batched_backward is False and op.meta()["batched_backward"] is False
-
-
-def test_out_of_memory_with_b_vectors_falls_back_to_one_at_a_time(monkeypatch):
-    _, op = _operator("hessian")
-    V = torch.randn(2, op.P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    expected = op.matmat(V)
-    inner = type(op).graph_product
-
-    def oom_when_batched(self, graph, v, batched=False):
-        if batched:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return inner(self, graph, v, batched)
-
-    monkeypatch.setattr(type(op), "graph_product", oom_when_batched)
-    op.batched_backward = True
-    with pytest.warns(UserWarning, match="one after another.*out of memory"):
-        got = op.matmat(V)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
-    assert op.batched_backward is False
 
 
 def test_out_of_memory_one_vector_at_a_time_is_raised(monkeypatch):
